@@ -1,0 +1,97 @@
+"""User-facing options of the offloading backend, validated once at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+STORES = ("ram", "disk")
+POLICIES = ("lru",)
+DEFAULT_CACHE_FRACTION = 0.5
+DEFAULT_STORE_DIR = os.path.join("~", ".cache", "vllm-expertflow", "stores")
+
+
+class ExpertFlowConfigError(ValueError):
+    """A bad `additional_config["expertflow"]` entry; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    cache_fraction: float | None = None
+    cache_experts: int | None = None
+    store: str = "ram"
+    store_dir: str = DEFAULT_STORE_DIR
+    policy: str = "lru"
+
+    def __post_init__(self) -> None:
+        if self.cache_fraction is not None and self.cache_experts is not None:
+            raise ExpertFlowConfigError(
+                "expertflow: give cache_fraction or cache_experts, not both"
+            )
+        if self.cache_fraction is not None and not (
+            isinstance(self.cache_fraction, int | float)
+            and not isinstance(self.cache_fraction, bool)
+            and 0.0 < self.cache_fraction <= 1.0
+        ):
+            raise ExpertFlowConfigError(
+                f"expertflow: cache_fraction={self.cache_fraction!r} is invalid; "
+                "use a number in (0, 1], the share of routed experts kept resident"
+            )
+        if self.cache_experts is not None and not (
+            isinstance(self.cache_experts, int)
+            and not isinstance(self.cache_experts, bool)
+            and self.cache_experts > 0
+        ):
+            raise ExpertFlowConfigError(
+                f"expertflow: cache_experts={self.cache_experts!r} is invalid; "
+                "use a positive integer number of expert slots"
+            )
+        _check_choice("store", self.store, STORES)
+        _check_choice("policy", self.policy, POLICIES)
+        if not isinstance(self.store_dir, str) or not self.store_dir:
+            raise ExpertFlowConfigError(
+                f"expertflow: store_dir={self.store_dir!r} is invalid; use a directory path"
+            )
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> OffloadConfig:
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ExpertFlowConfigError(
+                f"expertflow: unknown option(s) {', '.join(unknown)}; "
+                f"valid options are {', '.join(valid)}"
+            )
+        return cls(**options)
+
+    def num_slots(self, num_layers: int, num_experts: int, top_k: int) -> int:
+        """Slots in the shared pool; refuses a pool that cannot hold one token's experts."""
+        total = num_layers * num_experts
+        if self.cache_experts is not None:
+            slots = self.cache_experts
+        else:
+            fraction = (
+                DEFAULT_CACHE_FRACTION if self.cache_fraction is None else self.cache_fraction
+            )
+            slots = max(top_k, math.ceil(fraction * total))
+        if slots < top_k:
+            raise ExpertFlowConfigError(
+                f"expertflow: a cache of {slots} expert slots is smaller than the model's "
+                f"top-k of {top_k}; use cache_experts >= {top_k}"
+            )
+        return min(slots, total)
+
+    @property
+    def resolved_store_dir(self) -> str:
+        return os.path.abspath(os.path.expanduser(self.store_dir))
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ExpertFlowConfigError(
+            f"expertflow: {name}={value!r} is invalid; valid values are {', '.join(choices)}"
+        )

@@ -1,0 +1,176 @@
+"""Expert store in files on disk: one file per layer, one page-aligned record per expert.
+
+Reads bypass the page cache (O_DIRECT, or fadvise(DONTNEED) where the filesystem refuses
+O_DIRECT) so that a miss costs a real disk read, as it would for a model larger than RAM.
+Layer files and the manifest are written under temporary names and renamed into place; the
+manifest records the model's fingerprint, the layout and a checksum per file. A layer whose
+manifest entry does not match the model, or whose file does not match its checksum, is
+rewritten from the checkpoint and never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+
+import torch
+
+from .store import ExpertLayout, ExpertStore
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ALIGNMENT = 4096  # O_DIRECT wants offsets, sizes and buffers aligned to the block size
+_HASH_CHUNK = 1 << 22
+
+
+class DiskStore(ExpertStore):
+    def __init__(self, directory: str, fingerprint: dict, num_experts: int) -> None:
+        super().__init__(num_experts)
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.bypass = "none"
+        self._layer_digests: dict[str, str] = {}
+        self._fds: dict[int, int] = {}
+        self._pending: dict[int, str] = {}  # layer -> temp file, renamed by finish_writing
+        self._bounce: mmap.mmap | None = None
+        os.makedirs(directory, exist_ok=True)
+        self._load_manifest()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    @staticmethod
+    def _layer_file(layer: int) -> str:
+        return f"layer_{layer}.bin"
+
+    @property
+    def record_stride(self) -> int:
+        assert self.layout is not None
+        return -(-self.layout.nbytes // ALIGNMENT) * ALIGNMENT
+
+    def _load_manifest(self) -> None:
+        try:
+            with open(self._path(MANIFEST)) as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, json.JSONDecodeError) as e:
+            logger.warning("expertflow: ignoring unreadable store manifest %s: %s", self.directory, e)
+            return
+        if manifest.get("format") != FORMAT_VERSION or manifest.get("fingerprint") != self.fingerprint:
+            logger.warning(
+                "expertflow: disk store %s was built for another model or version; rebuilding",
+                self.directory,
+            )
+            return
+        layout = manifest["layout"]
+        self.layout = ExpertLayout(
+            tuple(layout["w13_shape"]), tuple(layout["w2_shape"]), getattr(torch, layout["dtype"])
+        )
+        self._layer_digests = manifest["layers"]
+
+    def has_layer(self, layer: int) -> bool:
+        """A layer listed in the manifest counts only after its file passes the checksum."""
+        if layer in self._fds or layer in self._pending:
+            return True
+        digest = self._layer_digests.get(str(layer))
+        if digest is None:
+            return False
+        path = self._path(self._layer_file(layer))
+        size_ok = os.path.exists(path) and os.path.getsize(path) == self.num_experts * self.record_stride
+        if not size_ok or _file_digest(path) != digest:
+            logger.warning("expertflow: %s is corrupt or truncated; rebuilding it", path)
+            del self._layer_digests[str(layer)]
+            return False
+        self._open_for_reading(layer)
+        return True
+
+    def _write_layer(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        digest = hashlib.blake2b()
+        tmp = self._path(f"{self._layer_file(layer)}.{os.getpid()}.tmp")
+        padding = bytes(self.record_stride - self.layout.nbytes)
+        with open(tmp, "wb") as f:
+            for expert in range(self.num_experts):
+                record = b"".join(
+                    part.contiguous().view(torch.uint8).numpy().tobytes()
+                    for part in (w13[expert], w2[expert])
+                ) + padding
+                f.write(record)
+                digest.update(record)
+            f.flush()
+            os.fsync(f.fileno())
+        self._pending[layer] = tmp
+        self._layer_digests[str(layer)] = digest.hexdigest()
+
+    def finish_writing(self) -> None:
+        if not self._pending:
+            return
+        for layer, tmp in self._pending.items():
+            os.replace(tmp, self._path(self._layer_file(layer)))
+        manifest = {
+            "format": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "layout": self.layout.as_json(),
+            "record_stride": self.record_stride,
+            "num_experts": self.num_experts,
+            "layers": self._layer_digests,
+        }
+        tmp = self._path(f"{MANIFEST}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path(MANIFEST))
+        for layer in list(self._pending):
+            del self._pending[layer]
+            self._open_for_reading(layer)
+
+    def _open_for_reading(self, layer: int) -> None:
+        path = self._path(self._layer_file(layer))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            self.bypass = "O_DIRECT"
+        except OSError:
+            fd = os.open(path, os.O_RDONLY)
+            self.bypass = "fadvise"
+        _drop_cached_pages(fd)
+        self._fds[layer] = fd
+
+    def read_expert(
+        self, layer: int, expert: int, w13_out: torch.Tensor, w2_out: torch.Tensor
+    ) -> None:
+        if self._bounce is None:
+            self._bounce = mmap.mmap(-1, self.record_stride)  # page-aligned, as O_DIRECT needs
+        fd = self._fds[layer]
+        offset = expert * self.record_stride
+        read = os.preadv(fd, [self._bounce], offset)
+        if read != self.record_stride:
+            raise OSError(f"short read of expert {expert} in layer {layer}: {read} bytes")
+        if self.bypass == "fadvise":
+            os.posix_fadvise(fd, offset, self.record_stride, os.POSIX_FADV_DONTNEED)
+        w13, w2 = self.layout.split(torch.frombuffer(self._bounce, dtype=torch.uint8))
+        w13_out.copy_(w13)
+        w2_out.copy_(w2)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.blake2b()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+        _drop_cached_pages(f.fileno())
+    return digest.hexdigest()
+
+
+def _drop_cached_pages(fd: int) -> None:
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

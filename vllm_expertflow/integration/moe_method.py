@@ -1,0 +1,218 @@
+"""ExpertFlow's MoE method: vLLM's unquantized MoE, with experts served from a paged pool.
+
+One MoE step (one layer's forward), router to kernel:
+
+    [Router]   vLLM's own router -> topk_ids [T, k], topk_weights [T, k]       (unchanged)
+        |
+    [Plan]     plan_rounds: group tokens so each round needs <= num_slots experts
+        |
+    [Pool]     ExpertPool.ensure_resident(layer, experts): page-table lookup, pin the hits,
+        |      load the misses from the store (evicting unpinned experts)
+    [Remap]    topk_ids -> slot ids through a per-layer expert -> slot table
+        |
+    [Kernel]   the platform's stock modular kernel on ExpertPool.w13 / ExpertPool.w2
+        |
+    [Release]  unpin the round's slots
+
+When `moe_backend` is not "expertflow" this class is exactly vLLM's `UnquantizedFusedMoEMethod`:
+it replaces that class for every layer once the plugin is loaded, so it must stay inert then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.library import Library
+from vllm.config import get_current_vllm_config
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
+from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
+    convert_to_unquantized_kernel_format,
+)
+from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExperts
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+    UnquantizedFusedMoEMethod,
+)
+from vllm.model_executor.utils import replace_parameter
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_expertflow.core.config import ExpertFlowConfigError
+from vllm_expertflow.core.step_plan import plan_rounds
+
+from .moe_backend_patch import BACKEND_NAME
+from .runtime import OffloadRuntime, layer_index
+
+_KERNEL_LAYOUT_CHUNK = 8  # experts converted at a time, bounding the transient copy
+
+
+class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
+    def __init__(self, moe: FusedMoEConfig) -> None:
+        self.runtime: OffloadRuntime | None = None
+        if moe.moe_backend != BACKEND_NAME:
+            super().__init__(moe)
+            return
+        # The stock oracle picks the platform's kernel; ours only decides where weights live.
+        super().__init__(dataclasses.replace(moe, moe_backend="auto"))
+        if moe.has_bias:
+            raise ExpertFlowConfigError(
+                "expertflow: MoE layers with expert biases are not supported; "
+                "use another --moe-backend for this model"
+            )
+        self.runtime = OffloadRuntime.for_vllm_config(get_current_vllm_config())
+        self.layer_index = -1
+        self._slot_of_expert: torch.Tensor | None = None
+
+    @property
+    def requires_device_loading(self) -> bool:  # type: ignore[override]
+        # Offloaded experts are converted from host memory; moving them to the device first
+        # would materialise every expert there.
+        return self.runtime is None
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        args = (layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype)
+        if self.runtime is None:
+            return super().create_weights(*args, **extra_weight_attrs)
+        self.layer_index = layer_index(layer.layer_name)
+        self.runtime.register_layer(
+            self.layer_index, num_experts, self.moe.experts_per_token, self.experts_cls.__name__
+        )
+        self._slot_of_expert = torch.zeros(num_experts, dtype=torch.int32)
+        if self.runtime.store.has_layer(self.layer_index):
+            # A verified disk store already holds this layer: read nothing into memory.
+            extra_weight_attrs["weight_loader"] = _skip_stored_weights
+            with torch.device("meta"):
+                return super().create_weights(*args, **extra_weight_attrs)
+        # Loaded in host memory, never on the device: the pool is the only device copy.
+        with torch.device("cpu"):
+            return super().create_weights(*args, **extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.runtime is None:
+            return super().process_weights_after_loading(layer)
+        self._init_moe_kernel(layer)
+        store = self.runtime.store
+        if not store.has_layer(self.layer_index):
+            store.write_layer(self.layer_index, *self._to_kernel_layout(layer))
+        replace_parameter(layer, "w13_weight", torch.empty(0, dtype=layer.w13_weight.dtype))
+        replace_parameter(layer, "w2_weight", torch.empty(0, dtype=layer.w2_weight.dtype))
+        self.runtime.layer_stored(self.layer_index)
+        self._slot_of_expert = self._slot_of_expert.to(self.runtime.device)
+
+    def _to_kernel_layout(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the stock kernel's own weight conversion (e.g. CPU prepacking) a chunk at a time."""
+        w13_parts, w2_parts = [], []
+        num_experts = layer.w13_weight.shape[0]
+        for start in range(0, num_experts, _KERNEL_LAYOUT_CHUNK):
+            chunk = torch.nn.Module()
+            w13, w2 = convert_to_unquantized_kernel_format(
+                self.unquantized_backend,
+                moe_config=self.moe,
+                w13_weight=layer.w13_weight.data[start : start + _KERNEL_LAYOUT_CHUNK],
+                w2_weight=layer.w2_weight.data[start : start + _KERNEL_LAYOUT_CHUNK],
+                layer=chunk,
+            )
+            chunk.w13_weight = torch.nn.Parameter(w13.contiguous(), requires_grad=False)
+            chunk.w2_weight = torch.nn.Parameter(w2.contiguous(), requires_grad=False)
+            self.moe_kernel.fused_experts.process_weights_after_loading(chunk)
+            w13_parts.append(chunk.w13_weight.data)
+            w2_parts.append(chunk.w2_weight.data)
+        return torch.cat(w13_parts), torch.cat(w2_parts)
+
+    def apply(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts: SharedExperts | None,
+        shared_experts_input: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if self.runtime is None:
+            return super().apply(
+                layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
+            )
+        if shared_experts is not None:
+            raise ExpertFlowConfigError(
+                "expertflow: MoE layers with shared experts are not supported yet; "
+                "use another --moe-backend for this model"
+            )
+        # An opaque op: the step reads routing on the host, which torch.compile cannot trace.
+        return torch.ops.expertflow.moe_step(x, topk_weights, topk_ids, layer.layer_name)
+
+    def run_step(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        rounds = plan_rounds(topk_ids, self.runtime.pool.num_slots)
+        if len(rounds) == 1:
+            return self._apply_round(layer, x, topk_weights, topk_ids, rounds[0][1])
+        output = torch.empty_like(x)
+        for tokens, experts in rounds:
+            output[tokens] = self._apply_round(
+                layer, x[tokens], topk_weights[tokens], topk_ids[tokens], experts
+            )
+        return output
+
+    def _apply_round(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        experts: list[int],
+    ) -> torch.Tensor:
+        pool = self.runtime.pool
+        slots = pool.ensure_resident(self.layer_index, experts)
+        try:
+            self._slot_of_expert[experts] = torch.tensor(
+                slots, dtype=torch.int32, device=self._slot_of_expert.device
+            )
+            slot_ids = self._slot_of_expert[topk_ids.long()].to(topk_ids.dtype)
+            return self.moe_kernel.apply(
+                hidden_states=x,
+                w1=pool.w13,
+                w2=pool.w2,
+                topk_weights=topk_weights,
+                topk_ids=slot_ids,
+                activation=layer.activation,
+                apply_router_weight_on_input=layer.apply_router_weight_on_input,
+                global_num_experts=pool.num_slots,
+                expert_map=None,
+            )
+        finally:
+            pool.release(slots)
+
+
+def _moe_step(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str
+) -> torch.Tensor:
+    runner = get_forward_context().no_compile_layers[layer_name]
+    experts = runner.routed_experts
+    return experts.quant_method.run_step(experts, x, topk_weights, topk_ids)
+
+
+def _moe_step_fake(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_library = Library("expertflow", "FRAGMENT")
+direct_register_custom_op("moe_step", _moe_step, fake_impl=_moe_step_fake, target_lib=_library)
+
+
+def _skip_stored_weights(*args, return_success: bool = False, **kwargs) -> bool | None:
+    """Weight loader for layers a verified disk store already holds."""
+    return True if return_success else None

@@ -1,0 +1,123 @@
+"""What one engine's offloaded MoE layers share: options, the store, the pool and the stats.
+
+Built from the vLLM config by the first MoE layer constructed in a process; every later layer of
+the same model gets the same object. The pool is allocated once the last layer has been loaded
+and written to the store, so it never coexists with a full copy of the experts on the device.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+
+import torch
+from vllm.config import VllmConfig
+
+from vllm_expertflow.core.config import OffloadConfig
+from vllm_expertflow.core.disk_store import DiskStore
+from vllm_expertflow.core.policy import make_policy
+from vllm_expertflow.core.pool import ExpertPool
+from vllm_expertflow.core.stats import OffloadStats
+from vllm_expertflow.core.store import ExpertStore, RamStore
+
+logger = logging.getLogger(__name__)
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_index(layer_name: str) -> int:
+    match = _LAYER_INDEX.search(layer_name)
+    if match is None:
+        raise ValueError(f"expertflow: cannot find a layer index in MoE layer name {layer_name!r}")
+    return int(match.group(1))
+
+
+class OffloadRuntime:
+    _by_config: dict[int, tuple[VllmConfig, OffloadRuntime]] = {}
+
+    @classmethod
+    def for_vllm_config(cls, vllm_config: VllmConfig) -> OffloadRuntime:
+        key = id(vllm_config)
+        if key not in cls._by_config:
+            cls._by_config[key] = (vllm_config, cls(vllm_config))
+        return cls._by_config[key][1]
+
+    def __init__(self, vllm_config: VllmConfig) -> None:
+        options = (vllm_config.additional_config or {}).get("expertflow")
+        self.config = OffloadConfig.from_dict(options)
+        self.device = torch.device(vllm_config.device_config.device)
+        self.stats = OffloadStats()
+        self._model_config = vllm_config.model_config
+        self._layers: set[int] = set()
+        self._pending_layers: set[int] = set()
+        self._top_k = 0
+        self.store: ExpertStore | None = None
+        self.pool: ExpertPool | None = None
+        atexit.register(self.log_stats)
+
+    def register_layer(self, layer: int, num_experts: int, top_k: int, kernel_name: str) -> None:
+        """Called while the model is built, before any weight is loaded."""
+        if self.store is None:
+            self.store = self._make_store(num_experts, kernel_name)
+        assert num_experts == self.store.num_experts, "expertflow needs equal expert counts"
+        self._top_k = max(self._top_k, top_k)
+        self._layers.add(layer)
+        self._pending_layers.add(layer)
+
+    def layer_stored(self, layer: int) -> None:
+        """Called once a layer's experts are in the store; the last one builds the pool."""
+        self._pending_layers.discard(layer)
+        if self._pending_layers or self.pool is not None:
+            return
+        self.store.finish_writing()
+        num_layers = len(self._layers)
+        num_slots = self.config.num_slots(num_layers, self.store.num_experts, self._top_k)
+        self.pool = ExpertPool(
+            self.store, num_slots, self.device, make_policy(self.config.policy), self.stats
+        )
+        logger.info(
+            "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %s store%s)",
+            num_slots,
+            num_layers,
+            self.store.num_experts,
+            num_slots * self.store.layout.nbytes / 2**20,
+            self.config.store,
+            f", reads bypass the page cache with {self.store.bypass}"
+            if isinstance(self.store, DiskStore)
+            else "",
+        )
+
+    def _make_store(self, num_experts: int, kernel_name: str) -> ExpertStore:
+        if self.config.store == "ram":
+            return RamStore(num_experts, pin_memory=self.device.type == "cuda")
+        fingerprint = self._fingerprint(num_experts, kernel_name)
+        digest = hashlib.blake2b(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+        name = os.path.basename(os.path.normpath(self._model_config.model)) or "model"
+        directory = os.path.join(self.config.resolved_store_dir, f"{name}-{digest[:16]}")
+        return DiskStore(directory, fingerprint, num_experts)
+
+    def _fingerprint(self, num_experts: int, kernel_name: str) -> dict:
+        """What the stored bytes depend on: the checkpoint files, dtype and kernel layout."""
+        import vllm
+
+        model = self._model_config.model
+        files = sorted(glob.glob(os.path.join(model, "*.safetensors")))
+        return {
+            "model": os.path.abspath(model) if os.path.isdir(model) else model,
+            "checkpoint": [
+                [os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files
+            ],
+            "dtype": str(self._model_config.dtype),
+            "num_experts": num_experts,
+            "kernel": kernel_name,
+            "vllm": vllm.__version__,
+        }
+
+    def log_stats(self) -> None:
+        if self.stats.layers:
+            logger.info("expertflow stats: %s", self.stats.summary())

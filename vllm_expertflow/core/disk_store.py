@@ -60,9 +60,14 @@ class DiskStore(ExpertStore):
         except FileNotFoundError:
             return
         except (OSError, json.JSONDecodeError) as e:
-            logger.warning("expertflow: ignoring unreadable store manifest %s: %s", self.directory, e)
+            logger.warning(
+                "expertflow: ignoring unreadable store manifest %s: %s", self.directory, e
+            )
             return
-        if manifest.get("format") != FORMAT_VERSION or manifest.get("fingerprint") != self.fingerprint:
+        if (
+            manifest.get("format") != FORMAT_VERSION
+            or manifest.get("fingerprint") != self.fingerprint
+        ):
             logger.warning(
                 "expertflow: disk store %s was built for another model or version; rebuilding",
                 self.directory,
@@ -82,7 +87,9 @@ class DiskStore(ExpertStore):
         if digest is None:
             return False
         path = self._path(self._layer_file(layer))
-        size_ok = os.path.exists(path) and os.path.getsize(path) == self.num_experts * self.record_stride
+        size_ok = (
+            os.path.exists(path) and os.path.getsize(path) == self.num_experts * self.record_stride
+        )
         if not size_ok or _file_digest(path) != digest:
             logger.warning("expertflow: %s is corrupt or truncated; rebuilding it", path)
             del self._layer_digests[str(layer)]
@@ -96,10 +103,13 @@ class DiskStore(ExpertStore):
         padding = bytes(self.record_stride - self.layout.nbytes)
         with open(tmp, "wb") as f:
             for expert in range(self.num_experts):
-                record = b"".join(
-                    part.contiguous().view(torch.uint8).numpy().tobytes()
-                    for part in (w13[expert], w2[expert])
-                ) + padding
+                record = (
+                    b"".join(
+                        part.contiguous().view(torch.uint8).numpy().tobytes()
+                        for part in (w13[expert], w2[expert])
+                    )
+                    + padding
+                )
                 f.write(record)
                 digest.update(record)
             f.flush()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def plan_rounds(topk_ids: torch.Tensor, max_experts: int) -> list[tuple[torch.Tensor | None, list[int]]]:
+def plan_rounds(
+    topk_ids: torch.Tensor, max_experts: int
+) -> list[tuple[torch.Tensor | None, list[int]]]:
     """Groups tokens so that each group routes to at most `max_experts` distinct experts.
 
     Returns `(token_indices, experts)` per round; `token_indices` is None when the whole batch

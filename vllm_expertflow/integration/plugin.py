@@ -7,10 +7,10 @@ import logging
 
 def register() -> None:
     """Idempotent: vLLM may load general plugins several times in one process."""
+    from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
         UnquantizedFusedMoEMethod,
     )
-    from vllm.model_executor.custom_op import op_registry_oot
 
     from . import moe_backend_patch
 

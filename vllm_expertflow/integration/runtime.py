@@ -118,6 +118,15 @@ class OffloadRuntime:
             "vllm": vllm.__version__,
         }
 
+    @classmethod
+    def all_stats(cls) -> list[dict]:
+        return [runtime.stats.as_dict() for _, runtime in cls._by_config.values()]
+
     def log_stats(self) -> None:
         if self.stats.layers:
             logger.info("expertflow stats: %s", self.stats.summary())
+
+
+def worker_stats(worker: object) -> list[dict]:
+    """`LLM.collective_rpc` target: the stats of every offloaded model in a worker process."""
+    return OffloadRuntime.all_stats()

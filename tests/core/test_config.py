@@ -1,0 +1,46 @@
+import pytest
+
+from vllm_expertflow.core.config import ExpertFlowConfigError, OffloadConfig
+
+
+def test_defaults_are_valid():
+    config = OffloadConfig.from_dict(None)
+    assert config.store == "ram" and config.policy == "lru"
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"cache_fractoin": 0.5}, "cache_fractoin"),
+        ({"cache_fraction": 1.5}, "cache_fraction"),
+        ({"cache_fraction": 0}, "cache_fraction"),
+        ({"cache_experts": 0}, "cache_experts"),
+        ({"cache_experts": 2.5}, "cache_experts"),
+        ({"store": "s3"}, "store"),
+        ({"policy": "fifo"}, "policy"),
+        ({"cache_fraction": 0.5, "cache_experts": 8}, "not both"),
+    ],
+)
+def test_bad_options_get_one_line_naming_the_problem(options, named):
+    with pytest.raises(ExpertFlowConfigError) as error:
+        OffloadConfig.from_dict(options)
+    message = str(error.value)
+    assert named in message and "\n" not in message
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ExpertFlowConfigError, match="valid options are cache_fraction"):
+        OffloadConfig.from_dict({"bogus": 1})
+
+
+def test_num_slots_from_fraction_and_count():
+    assert OffloadConfig(cache_fraction=0.25).num_slots(6, 32, 4) == 48
+    assert OffloadConfig(cache_fraction=1.0).num_slots(6, 32, 4) == 192
+    assert OffloadConfig(cache_experts=10).num_slots(6, 32, 4) == 10
+    # A fraction never rounds below one token's experts.
+    assert OffloadConfig(cache_fraction=0.001).num_slots(6, 32, 4) == 4
+
+
+def test_cache_smaller_than_top_k_is_refused():
+    with pytest.raises(ExpertFlowConfigError, match="smaller than the model's top-k of 4"):
+        OffloadConfig(cache_experts=3).num_slots(6, 32, 4)

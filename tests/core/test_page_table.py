@@ -1,0 +1,58 @@
+import random
+
+import pytest
+
+from vllm_expertflow.core.page_table import PageTable, PoolExhaustedError
+from vllm_expertflow.core.policy import LRUPolicy
+
+
+def test_lru_evicts_least_recently_used():
+    table = PageTable(2, LRUPolicy())
+    a, _ = table.allocate((0, 1))
+    b, _ = table.allocate((0, 2))
+    table.touch(a)  # (0, 2) is now the oldest
+    slot, evicted = table.allocate((0, 3))
+    assert evicted == (0, 2) and slot == b
+    assert table.lookup((0, 2)) is None and table.lookup((0, 3)) == b
+
+
+def test_pinned_slot_is_never_evicted():
+    table = PageTable(2, LRUPolicy())
+    a, _ = table.allocate((0, 1))
+    table.allocate((0, 2))
+    table.pin(a)  # oldest, but pinned
+    _, evicted = table.allocate((1, 1))
+    assert evicted == (0, 2)
+    assert table.lookup((0, 1)) == a
+
+
+def test_all_pinned_raises():
+    table = PageTable(1, LRUPolicy())
+    slot, _ = table.allocate((0, 0))
+    table.pin(slot)
+    with pytest.raises(PoolExhaustedError):
+        table.allocate((0, 1))
+
+
+def test_random_workload_keeps_one_expert_per_slot():
+    rng = random.Random(0)
+    table = PageTable(8, LRUPolicy())
+    pinned: set[int] = set()
+    for _ in range(5000):
+        key = (rng.randrange(4), rng.randrange(16))
+        slot = table.lookup(key)
+        if slot is None:
+            if len(pinned) == table.num_slots:
+                for s in pinned:
+                    table.unpin(s)
+                pinned.clear()
+            slot, evicted = table.allocate(key)
+            assert evicted is None or table.lookup(evicted) is None
+            assert slot not in pinned, "a pinned slot was given away"
+        if rng.random() < 0.3 and slot not in pinned:
+            table.pin(slot)
+            pinned.add(slot)
+        keys = table.resident_keys()
+        slots = [table.lookup(k) for k in keys]
+        assert len(set(slots)) == len(slots) <= table.num_slots
+        assert all(table.key_in(s) == k for k, s in zip(keys, slots, strict=True))

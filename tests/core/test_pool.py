@@ -1,0 +1,58 @@
+import torch
+
+from vllm_expertflow.core.policy import LRUPolicy
+from vllm_expertflow.core.pool import ExpertPool
+from vllm_expertflow.core.stats import OffloadStats
+from vllm_expertflow.core.store import RamStore
+
+NUM_EXPERTS = 8
+
+
+def make_pool(num_slots: int) -> tuple[ExpertPool, dict[int, torch.Tensor]]:
+    store = RamStore(NUM_EXPERTS, pin_memory=False)
+    weights = {}
+    for layer in range(3):
+        w13 = torch.randn(NUM_EXPERTS, 8, 4)
+        store.write_layer(layer, w13, torch.randn(NUM_EXPERTS, 4, 4))
+        weights[layer] = w13
+    store.finish_writing()
+    pool = ExpertPool(store, num_slots, torch.device("cpu"), LRUPolicy(), OffloadStats())
+    return pool, weights
+
+
+def test_slots_hold_the_requested_experts_and_count_hits():
+    pool, weights = make_pool(4)
+    slots = pool.ensure_resident(0, [3, 5])
+    assert torch.equal(pool.w13[slots[0]], weights[0][3])
+    assert torch.equal(pool.w13[slots[1]], weights[0][5])
+    pool.release(slots)
+    again = pool.ensure_resident(0, [5, 6])
+    pool.release(again)
+    assert again[0] == slots[1]
+    stats = pool.stats.layer(0)
+    assert (stats.hits, stats.misses) == (1, 3)
+    assert stats.bytes_loaded == 3 * pool.store.layout.nbytes
+
+
+def test_experts_of_the_current_step_are_never_evicted():
+    pool, weights = make_pool(4)
+    first = pool.ensure_resident(0, [0, 1])
+    second = pool.ensure_resident(1, [0, 1])  # fills the pool while the first is pinned
+    assert set(first).isdisjoint(second)
+    pool.release(first)
+    pool.release(second)
+    # Pin two, then ask for two new ones: only the two unpinned may go.
+    kept = pool.ensure_resident(0, [0, 1])
+    fresh = pool.ensure_resident(2, [6, 7])
+    assert set(fresh) == set(second)
+    assert torch.equal(pool.w13[kept[0]], weights[0][0])
+    pool.release(kept)
+    pool.release(fresh)
+
+
+def test_lru_order_across_steps():
+    pool, _ = make_pool(2)
+    for experts in ([0], [1], [0], [2]):  # expert 1 is least recently used when 2 arrives
+        pool.release(pool.ensure_resident(0, experts))
+    assert pool.table.lookup((0, 1)) is None
+    assert pool.table.lookup((0, 0)) is not None and pool.table.lookup((0, 2)) is not None

@@ -5,6 +5,9 @@ Why:    `KernelConfig.moe_backend` (and `SpeculativeConfig.moe_backend`) is a py
         `LLM(moe_backend="expertflow")` are rejected before any plugin code runs.
 How:    extend the field's `Literal` with our name, rebuild the two pydantic dataclasses, and
         clear `engine.arg_utils._compute_kwargs`'s cache so the CLI choices are recomputed.
+        `VllmConfig.__post_init__` is wrapped to validate `additional_config["expertflow"]`
+        where the config is built, so bad options fail in the caller's process with one line
+        instead of deep inside an engine process.
         Runs from the plugin entry point, which vLLM loads in every process before it builds
         its CLI parser or any config.
 Remove: when vLLM accepts out-of-tree MoE backends by name (no upstream PR yet).
@@ -43,6 +46,7 @@ def apply() -> None:
     _set_field_type(KernelConfig, extended)
     _set_field_type(SpeculativeConfig, extended | None)
     arg_utils._compute_kwargs.cache_clear()
+    _validate_options_on_config_creation()
 
 
 def _set_field_type(config_cls: type, field_type: object) -> None:
@@ -51,3 +55,18 @@ def _set_field_type(config_cls: type, field_type: object) -> None:
     config_cls.__annotations__["moe_backend"] = field_type
     config_cls.__dataclass_fields__["moe_backend"].type = field_type
     rebuild_dataclass(config_cls, force=True)
+
+
+def _validate_options_on_config_creation() -> None:
+    from vllm.config import VllmConfig
+
+    from vllm_expertflow.core.config import OffloadConfig
+
+    original = VllmConfig.__post_init__
+
+    def post_init_with_expertflow_options(self: VllmConfig) -> None:
+        original(self)
+        if self.kernel_config.moe_backend == BACKEND_NAME:
+            OffloadConfig.from_dict((self.additional_config or {}).get("expertflow"))
+
+    VllmConfig.__post_init__ = post_init_with_expertflow_options

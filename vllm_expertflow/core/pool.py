@@ -72,6 +72,8 @@ class ExpertPool:
         if self._copy_stream is None:
             self.store.read_expert(layer, expert, self.w13[slot], self.w2[slot])
         else:
+            # A slot released this step may still be read by a queued kernel: load after it.
+            self._copy_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._copy_stream):
                 self.store.read_expert(layer, expert, self.w13[slot], self.w2[slot])
         self.stats.record_load(layer, self.store.layout.nbytes, time.perf_counter() - start)

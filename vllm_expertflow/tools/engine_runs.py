@@ -5,8 +5,11 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEMO_MODEL = Path(__file__).resolve().parents[2] / "examples" / "models" / "expertflow-demo-moe"
 HELD_OUT_FILES = ("heldout_shakespeare.txt", "heldout_pydoc.txt")
@@ -31,17 +34,56 @@ def held_out_prompts(model: Path = DEMO_MODEL, count: int = 8, chars: int = 160)
     return prompts[:count]
 
 
-def engine_kwargs(moe_backend: str, options: dict | None, enforce_eager: bool) -> dict:
+def engine_kwargs(
+    moe_backend: str,
+    options: dict | None,
+    enforce_eager: bool,
+    max_num_batched_tokens: int,
+    **extra: Any,
+) -> dict:
     kwargs = dict(
+        **extra,
         moe_backend=moe_backend,
         max_model_len=512,
         max_num_seqs=8,
+        max_num_batched_tokens=max_num_batched_tokens,
         enforce_eager=enforce_eager,
         seed=0,
     )
     if options is not None:
         kwargs["additional_config"] = {"expertflow": options}
     return kwargs
+
+
+@contextmanager
+def open_engine(
+    moe_backend: str = "auto",
+    options: dict | None = None,
+    model: Path = DEMO_MODEL,
+    enforce_eager: bool = True,
+    max_num_batched_tokens: int = 512,
+    **extra: Any,
+) -> Iterator[Any]:
+    """A real vLLM `LLM` on `model`, shut down (engine process included) on exit."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    llm = LLM(
+        str(model),
+        **engine_kwargs(moe_backend, options, enforce_eager, max_num_batched_tokens, **extra),
+    )
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def greedy_params(max_tokens: int) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
 def run_greedy(
@@ -51,27 +93,22 @@ def run_greedy(
     model: Path = DEMO_MODEL,
     max_tokens: int = 32,
     enforce_eager: bool = True,
+    max_num_batched_tokens: int = 512,
 ) -> EngineRun:
-    """Starts an engine, decodes greedily, reads expertflow's stats, and shuts it down."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM, SamplingParams
+    """Starts an engine, decodes greedily, reads expertflow's stats, and shuts it down.
 
+    A `max_num_batched_tokens` below the prompts' total splits prefills into chunks, so steps
+    mix one request's prefill with others' decodes, as continuous batching does under load.
+    """
     from vllm_expertflow import get_stats
 
-    llm = LLM(str(model), **engine_kwargs(moe_backend, options, enforce_eager))
-    try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    with open_engine(moe_backend, options, model, enforce_eager, max_num_batched_tokens) as llm:
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(prompts, greedy_params(max_tokens), use_tqdm=False)
         elapsed = time.perf_counter() - start
-        stats = get_stats(llm) if moe_backend == "expertflow" else None
         return EngineRun(
             token_ids=[list(o.outputs[0].token_ids) for o in outputs],
             texts=[o.outputs[0].text for o in outputs],
-            stats=stats,
+            stats=get_stats(llm) if moe_backend == "expertflow" else None,
             timings={"generate_seconds": elapsed},
         )
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()

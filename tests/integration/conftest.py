@@ -1,0 +1,27 @@
+import os
+
+import pytest
+
+from vllm_expertflow.tools.engine_runs import DEMO_MODEL, EngineRun, held_out_prompts, run_greedy
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+# Small enough that prefill is chunked: steps mix prefill chunks with other requests' decodes.
+MAX_NUM_BATCHED_TOKENS = 64
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[str]:
+    return held_out_prompts(DEMO_MODEL, count=8)
+
+
+@pytest.fixture(scope="session")
+def stock_run(prompts) -> EngineRun:
+    return run_greedy(prompts, "auto", max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def demo_config() -> dict:
+    import json
+
+    return json.loads((DEMO_MODEL / "config.json").read_text())

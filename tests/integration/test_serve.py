@@ -1,0 +1,94 @@
+"""`vllm serve --moe-backend expertflow` over real HTTP returns the stock backend's tokens."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import MAX_NUM_BATCHED_TOKENS
+
+from vllm_expertflow.tools.engine_runs import DEMO_MODEL
+
+pytestmark = pytest.mark.engine
+STARTUP_SECONDS = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    options = {
+        "expertflow": {
+            "cache_fraction": 0.25,
+            "store": "disk",
+            "store_dir": str(tmp_path_factory.mktemp("serve-store")),
+        }
+    }
+    command = [
+        str(Path(sys.executable).with_name("vllm")),
+        "serve",
+        str(DEMO_MODEL),
+        "--moe-backend",
+        "expertflow",
+        "--additional-config",
+        json.dumps(options),
+        "--enforce-eager",
+        "--max-model-len",
+        "512",
+        "--max-num-seqs",
+        "8",
+        "--max-num-batched-tokens",
+        str(MAX_NUM_BATCHED_TOKENS),
+        "--seed",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            assert process.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server not up:\n{log.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_completions_over_http_match_stock(server, prompts, stock_run):
+    body = {
+        "model": str(DEMO_MODEL),
+        "prompt": prompts,
+        "max_tokens": 32,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    response = requests.post(f"{server}/v1/completions", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+    assert [c["token_ids"] for c in choices] == stock_run.token_ids
+    assert [c["text"] for c in choices] == stock_run.texts

@@ -10,6 +10,7 @@ import logging
 # `vllm-expertflow --help` does not pay for torch or vllm.
 SUBCOMMANDS = {
     "build-demo-model": ("vllm_expertflow.tools.build_demo_model", "train the demo Qwen3-MoE"),
+    "trace": ("vllm_expertflow.tools.trace", "record routing traces with the real engine"),
     "bench": ("vllm_expertflow.tools.bench", "decode/prefill speed against the stock backend"),
 }
 

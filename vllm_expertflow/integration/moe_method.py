@@ -155,6 +155,8 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
     ) -> torch.Tensor:
+        if self.runtime.tracer is not None:
+            self.runtime.tracer.record(self.layer_index, x, topk_ids)
         rounds = plan_rounds(topk_ids, self.runtime.pool.num_slots)
         if len(rounds) == 1:
             return self._apply_round(layer, x, topk_weights, topk_ids, rounds[0][1])

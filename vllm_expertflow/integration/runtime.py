@@ -24,6 +24,7 @@ from vllm_expertflow.core.policy import make_policy
 from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.stats import OffloadStats
 from vllm_expertflow.core.store import ExpertStore, RamStore
+from vllm_expertflow.core.tracer import RoutingTracer
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class OffloadRuntime:
         self._top_k = 0
         self.store: ExpertStore | None = None
         self.pool: ExpertPool | None = None
+        self.tracer: RoutingTracer | None = None
         atexit.register(self.log_stats)
 
     def register_layer(self, layer: int, num_experts: int, top_k: int, kernel_name: str) -> None:
@@ -130,3 +132,25 @@ class OffloadRuntime:
 def worker_stats(worker: object) -> list[dict]:
     """`LLM.collective_rpc` target: the stats of every offloaded model in a worker process."""
     return OffloadRuntime.all_stats()
+
+
+def _only_runtime() -> OffloadRuntime:
+    runtimes = [runtime for _, runtime in OffloadRuntime._by_config.values()]
+    if len(runtimes) != 1:
+        raise RuntimeError(f"expertflow: expected one offloaded model here, found {len(runtimes)}")
+    return runtimes[0]
+
+
+def start_tracing(
+    worker: object, directory: str, metadata: dict, max_tokens: int, sample_rate: float, seed: int
+) -> None:
+    """`LLM.collective_rpc` target: record routing from the next step on."""
+    _only_runtime().tracer = RoutingTracer(directory, metadata, max_tokens, sample_rate, seed)
+
+
+def stop_tracing(worker: object) -> dict:
+    """`LLM.collective_rpc` target: flush the trace and return its manifest."""
+    runtime = _only_runtime()
+    manifest = runtime.tracer.close()
+    runtime.tracer = None
+    return manifest

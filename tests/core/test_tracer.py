@@ -1,0 +1,33 @@
+import torch
+
+from vllm_expertflow.core.tracer import RoutingTracer, read_trace
+
+
+def record_steps(tracer, steps: list[int], layers=(0, 1)):
+    for num_tokens in steps:
+        for layer in layers:
+            hidden = torch.randn(num_tokens, 8)
+            topk = torch.randint(0, 16, (num_tokens, 2))
+            tracer.record(layer, hidden, topk)
+
+
+def test_trace_round_trip_keeps_rows_aligned(tmp_path):
+    tracer = RoutingTracer(str(tmp_path), {"model": "m"}, max_tokens=1000, shard_tokens=5)
+    record_steps(tracer, [3, 4, 2])
+    manifest = tracer.close()
+    assert manifest["num_tokens"] == 9 and manifest["num_steps"] == 3
+    assert len(manifest["shards"]) == 2
+    _, tensors = read_trace(str(tmp_path))
+    assert tensors["request_ids"].tolist() == [0] * 3 + [1] * 4 + [2] * 2
+    assert tensors["positions"].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1]
+    assert tensors["hidden.1"].shape == (9, 8) and tensors["topk_ids.0"].shape == (9, 2)
+
+
+def test_token_budget_and_sampling_bound_the_trace(tmp_path):
+    tracer = RoutingTracer(str(tmp_path), {}, max_tokens=50, sample_rate=0.5, seed=1)
+    record_steps(tracer, [40] * 5)
+    manifest = tracer.close()
+    assert manifest["num_tokens"] == 50
+    _, tensors = read_trace(str(tmp_path))
+    first_step = tensors["positions"][tensors["request_ids"] == 0]
+    assert 5 < len(first_step) < 35, "about half of a step's tokens are kept"

@@ -1,0 +1,127 @@
+"""Recording what the router sees and picks, step by step, into a bounded on-disk trace.
+
+Trace format (a directory):
+  manifest.json          {"format": 1, "model": ..., "config_hash": ..., "layers": [...],
+                          "num_experts": E, "top_k": k, "hidden_size": H, "num_tokens": N,
+                          "shards": ["shard_00000.safetensors", ...]}
+  shard_XXXXX.safetensors, per recorded token (rows aligned across tensors):
+      request_ids   int32 [n]      which request (one engine step = one request when tracing)
+      positions     int32 [n]      token position in its request
+      hidden.L      bfloat16 [n,H] layer L's router input
+      topk_ids.L    int16 [n,k]    experts layer L's router chose
+Shards and the manifest are written under temporary names and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+
+
+class RoutingTracer:
+    def __init__(
+        self,
+        directory: str,
+        metadata: dict,
+        max_tokens: int,
+        sample_rate: float = 1.0,
+        seed: int = 0,
+        shard_tokens: int = 8192,
+    ) -> None:
+        self.directory = directory
+        self.metadata = metadata
+        self.max_tokens = max_tokens
+        self.sample_rate = sample_rate
+        self.shard_tokens = shard_tokens
+        self.num_tokens = 0
+        self.num_steps = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._step_rows: torch.Tensor | None = None
+        self._step: dict[str, torch.Tensor] = {}
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self._pending_tokens = 0
+        self._shards: list[str] = []
+        os.makedirs(directory, exist_ok=True)
+
+    @property
+    def is_full(self) -> bool:
+        return self.num_tokens >= self.max_tokens
+
+    def record(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """Called by every MoE layer of a step; a repeated first layer starts the next step."""
+        if f"topk_ids.{layer}" in self._step:
+            self.end_step()
+        if not self._step:
+            self._start_step(hidden.shape[0])
+        rows = self._step_rows
+        self._step[f"hidden.{layer}"] = hidden[rows].to("cpu", torch.bfloat16)
+        self._step[f"topk_ids.{layer}"] = topk_ids[rows].to("cpu", torch.int16)
+
+    def _start_step(self, num_tokens: int) -> None:
+        keep = torch.rand(num_tokens, generator=self._generator) < self.sample_rate
+        rows = keep.nonzero().flatten()[: max(self.max_tokens - self.num_tokens, 0)]
+        self._step_rows = rows
+        self._step = {
+            "request_ids": torch.full((len(rows),), self.num_steps, dtype=torch.int32),
+            "positions": rows.to(torch.int32),
+        }
+
+    def end_step(self) -> None:
+        if not self._step:
+            return
+        self.num_steps += 1
+        rows = len(self._step_rows)
+        if rows:
+            self._pending.append(self._step)
+            self._pending_tokens += rows
+            self.num_tokens += rows
+        self._step = {}
+        if self._pending_tokens >= self.shard_tokens:
+            self._write_shard()
+
+    def _write_shard(self) -> None:
+        if not self._pending:
+            return
+        keys = self._pending[0].keys()
+        tensors = {k: torch.cat([step[k] for step in self._pending]).contiguous() for k in keys}
+        name = f"shard_{len(self._shards):05d}.safetensors"
+        tmp = os.path.join(self.directory, f".{name}.tmp")
+        save_file(tensors, tmp)
+        os.replace(tmp, os.path.join(self.directory, name))
+        self._shards.append(name)
+        self._pending, self._pending_tokens = [], 0
+
+    def close(self) -> dict:
+        """Flushes everything and writes the manifest; returns it."""
+        self.end_step()
+        self._write_shard()
+        manifest = {
+            "format": FORMAT_VERSION,
+            **self.metadata,
+            "num_tokens": self.num_tokens,
+            "num_steps": self.num_steps,
+            "shards": self._shards,
+        }
+        tmp = os.path.join(self.directory, ".manifest.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, os.path.join(self.directory, "manifest.json"))
+        return manifest
+
+
+def read_trace(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The manifest and every recorded tensor, shards concatenated in order."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, "manifest.json")) as f:
+        manifest = json.load(f)
+    shards = [load_file(os.path.join(directory, name)) for name in manifest["shards"]]
+    if not shards:
+        raise ValueError(f"trace {directory} holds no tokens")
+    tensors = {k: torch.cat([shard[k] for shard in shards]) for k in shards[0]}
+    return manifest, tensors

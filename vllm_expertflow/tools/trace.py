@@ -1,0 +1,100 @@
+"""`vllm-expertflow trace`: record the router's inputs and choices while the real vLLM engine
+reads text. The format is documented in `vllm_expertflow/core/tracer.py`.
+
+Each text chunk is one request, prefilled alone in one engine step (max_num_seqs=1 and a token
+budget that holds the chunk), so a step's tokens are exactly one request's positions 0..n-1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL)
+    parser.add_argument("--text", type=Path, nargs="+", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per request")
+    parser.add_argument("--max-tokens", type=int, default=200_000, help="tokens recorded, at most")
+    parser.add_argument("--sample-rate", type=float, default=1.0, help="share of tokens kept")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def model_metadata(model: Path) -> dict:
+    config_text = (model / "config.json").read_text()
+    config = json.loads(config_text)
+    num_layers = config["num_hidden_layers"]
+    sparse = [i for i in range(num_layers) if i not in config.get("mlp_only_layers", [])]
+    return {
+        "model": str(model.resolve()),
+        "config_hash": hashlib.sha256(config_text.encode()).hexdigest(),
+        "layers": sparse,
+        "num_experts": config["num_experts"],
+        "top_k": config["num_experts_per_tok"],
+        "hidden_size": config["hidden_size"],
+    }
+
+
+def text_chunks(model: Path, files: list[Path], chunk_tokens: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    chunks = []
+    for path in files:
+        ids = tokenizer(path.read_text())["input_ids"]
+        chunks += [ids[i : i + chunk_tokens] for i in range(0, len(ids) - 1, chunk_tokens)]
+    return [c for c in chunks if len(c) > 1]
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_expertflow.integration.runtime import start_tracing, stop_tracing
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise SystemExit(f"trace: {args.out} is not empty; choose a new --out directory")
+    chunks = text_chunks(args.model, args.text, args.chunk_tokens)
+    # Requests past the token budget would only cost time: the tracer records nothing more.
+    chunks = chunks[: math.ceil(args.max_tokens / (args.sample_rate * args.chunk_tokens)) + 1]
+    options = {"cache_fraction": 1.0, "store": "ram"}
+    with open_engine(
+        "expertflow",
+        options,
+        args.model,
+        enforce_eager=False,
+        max_num_batched_tokens=max(args.chunk_tokens, 512),
+        max_num_seqs=1,
+        enable_prefix_caching=False,
+    ) as llm:
+        llm.collective_rpc(
+            start_tracing,
+            args=(
+                str(args.out),
+                model_metadata(args.model),
+                args.max_tokens,
+                args.sample_rate,
+                args.seed,
+            ),
+        )
+        prompts = [{"prompt_token_ids": chunk} for chunk in chunks]
+        llm.generate(prompts, greedy_params(1), use_tqdm=True)
+        manifest = llm.collective_rpc(stop_tracing)[0]
+    if manifest["num_steps"] != len(chunks):
+        raise RuntimeError(
+            f"trace: {manifest['num_steps']} engine steps for {len(chunks)} requests; "
+            "requests were batched together, so positions would be wrong"
+        )
+    logger.info(
+        "trace: %d tokens from %d requests written to %s",
+        manifest["num_tokens"],
+        len(chunks),
+        args.out,
+    )
+    return 0

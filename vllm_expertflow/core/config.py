@@ -8,8 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .policy import POLICIES
+
 STORES = ("ram", "disk")
-POLICIES = ("lru",)
 DEFAULT_CACHE_FRACTION = 0.5
 DEFAULT_STORE_DIR = os.path.join("~", ".cache", "vllm-expertflow", "stores")
 
@@ -50,7 +51,7 @@ class OffloadConfig:
                 "use a positive integer number of expert slots"
             )
         _check_choice("store", self.store, STORES)
-        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("policy", self.policy, tuple(POLICIES))
         if not isinstance(self.store_dir, str) or not self.store_dir:
             raise ExpertFlowConfigError(
                 f"expertflow: store_dir={self.store_dir!r} is invalid; use a directory path"

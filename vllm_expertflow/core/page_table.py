@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .policy import EvictionPolicy
-
-ExpertKey = tuple[int, int]  # (layer, expert)
+from .policy import EvictionPolicy, ExpertKey
 
 
 class PoolExhaustedError(RuntimeError):
@@ -53,11 +51,11 @@ class PageTable:
             self._policy.forget(slot)
         self._slot_of[key] = slot
         self._key_of[slot] = key
-        self._policy.record_access(slot)
+        self._policy.record_access(slot, key)
         return slot, evicted
 
     def touch(self, slot: int) -> None:
-        self._policy.record_access(slot)
+        self._policy.record_access(slot, self._key_of[slot])
 
     def pin(self, slot: int) -> None:
         self._pins[slot] += 1

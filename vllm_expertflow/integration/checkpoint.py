@@ -1,0 +1,32 @@
+"""Reading router (gate) weights straight from a Hugging Face checkpoint folder.
+
+The predictors need every MoE layer's gate at start-up and offline; vLLM's CPU build empties
+gate weights after prepacking, so they are read from the safetensors files instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import torch
+from safetensors import safe_open
+
+_GATE_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
+
+
+def load_gate_weights(model_dir: str) -> dict[int, torch.Tensor]:
+    """`{layer: [num_experts, hidden]}` for every MoE layer of the checkpoint."""
+    gates = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                match = _GATE_KEY.match(key)
+                if match:
+                    gates[int(match.group(1))] = f.get_tensor(key)
+    if not gates:
+        raise ValueError(
+            f"expertflow: no MoE gate weights (model.layers.N.mlp.gate.weight) in {model_dir}"
+        )
+    return gates

@@ -11,6 +11,7 @@ from typing import Any
 from .policy import POLICIES
 
 STORES = ("ram", "disk")
+PREDICTORS = ("none", "gate")
 DEFAULT_CACHE_FRACTION = 0.5
 DEFAULT_STORE_DIR = os.path.join("~", ".cache", "vllm-expertflow", "stores")
 
@@ -26,6 +27,8 @@ class OffloadConfig:
     store: str = "ram"
     store_dir: str = DEFAULT_STORE_DIR
     policy: str = "lru"
+    predictor: str = "none"
+    prefetch_depth: int = 1
 
     def __post_init__(self) -> None:
         if self.cache_fraction is not None and self.cache_experts is not None:
@@ -52,6 +55,21 @@ class OffloadConfig:
             )
         _check_choice("store", self.store, STORES)
         _check_choice("policy", self.policy, tuple(POLICIES))
+        if not isinstance(self.predictor, str) or not (
+            self.predictor in PREDICTORS or self.predictor.endswith(".safetensors")
+        ):
+            raise ExpertFlowConfigError(
+                f"expertflow: predictor={self.predictor!r} is invalid; use none, gate, or the "
+                "path of a .safetensors file written by `vllm-expertflow train-predictor`"
+            )
+        if self.policy == "predictive" and self.predictor == "none":
+            raise ExpertFlowConfigError(
+                "expertflow: policy=predictive needs a predictor; set predictor to gate or a file"
+            )
+        if not (isinstance(self.prefetch_depth, int) and 1 <= self.prefetch_depth <= 4):
+            raise ExpertFlowConfigError(
+                f"expertflow: prefetch_depth={self.prefetch_depth!r} is invalid; use 1 to 4"
+            )
         if not isinstance(self.store_dir, str) or not self.store_dir:
             raise ExpertFlowConfigError(
                 f"expertflow: store_dir={self.store_dir!r} is invalid; use a directory path"

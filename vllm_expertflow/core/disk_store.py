@@ -15,6 +15,7 @@ import json
 import logging
 import mmap
 import os
+import threading
 
 import torch
 
@@ -37,7 +38,7 @@ class DiskStore(ExpertStore):
         self._layer_digests: dict[str, str] = {}
         self._fds: dict[int, int] = {}
         self._pending: dict[int, str] = {}  # layer -> temp file, renamed by finish_writing
-        self._bounce: mmap.mmap | None = None
+        self._buffers = threading.local()  # one page-aligned read buffer per I/O thread
         os.makedirs(directory, exist_ok=True)
         self._load_manifest()
 
@@ -154,16 +155,17 @@ class DiskStore(ExpertStore):
     def read_expert(
         self, layer: int, expert: int, w13_out: torch.Tensor, w2_out: torch.Tensor
     ) -> None:
-        if self._bounce is None:
-            self._bounce = mmap.mmap(-1, self.record_stride)  # page-aligned, as O_DIRECT needs
+        buffer = getattr(self._buffers, "buffer", None)
+        if buffer is None:
+            buffer = self._buffers.buffer = mmap.mmap(-1, self.record_stride)  # page-aligned
         fd = self._fds[layer]
         offset = expert * self.record_stride
-        read = os.preadv(fd, [self._bounce], offset)
+        read = os.preadv(fd, [buffer], offset)
         if read != self.record_stride:
             raise OSError(f"short read of expert {expert} in layer {layer}: {read} bytes")
         if self.bypass == "fadvise":
             os.posix_fadvise(fd, offset, self.record_stride, os.POSIX_FADV_DONTNEED)
-        w13, w2 = self.layout.split(torch.frombuffer(self._bounce, dtype=torch.uint8))
+        w13, w2 = self.layout.split(torch.frombuffer(buffer, dtype=torch.uint8))
         w13_out.copy_(w13)
         w2_out.copy_(w2)
 

@@ -1,20 +1,47 @@
 """The paged expert pool: a fixed number of expert slots on the compute device.
 
 Every MoE layer shares the same slots, the way every request shares vLLM's KV blocks. A step
-pins the experts it needs, loads the misses from the backing store, runs the kernel on the slot
-tensors and releases the pins.
+pins the experts it needs, waits for those still loading, loads the misses from the backing
+store, runs its kernel on the slot tensors and releases the pins. Prefetches load into slots in
+the background (I/O threads on the CPU, a side stream on CUDA) and stay pinned until they land.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .page_table import PageTable
-from .policy import EvictionPolicy
-from .stats import OffloadStats
+from .page_table import PageTable, PoolExhaustedError
+from .policy import EvictionPolicy, ExpertKey
+from .stats import OffloadStats, running_mean
 from .store import ExpertStore
+
+
+class _CudaLoad:
+    """A load on the copy stream: waited on by the compute stream, never by the host."""
+
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.event)
+
+
+class _ThreadLoad:
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def wait(self) -> None:
+        self.future.result()
 
 
 class ExpertPool:
@@ -25,16 +52,21 @@ class ExpertPool:
         device: torch.device,
         policy: EvictionPolicy,
         stats: OffloadStats,
+        io_threads: int = 1,
     ) -> None:
         layout = store.layout
         assert layout is not None, "the pool is built after the store is written"
         self.store = store
         self.stats = stats
+        self.policy = policy
         self.table = PageTable(num_slots, policy)
         self.w13 = torch.empty((num_slots, *layout.w13_shape), dtype=layout.dtype, device=device)
         self.w2 = torch.empty((num_slots, *layout.w2_shape), dtype=layout.dtype, device=device)
-        # Loads go on their own stream so compute already queued is not held up behind them.
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._io = None if self._copy_stream else ThreadPoolExecutor(io_threads, "expertflow-io")
+        self._loading: dict[int, _CudaLoad | _ThreadLoad] = {}  # slot -> load still in flight
+        self._unused_prefetches: set[int] = set()
+        self.mean_load_seconds: float | None = None  # per expert, a running mean
 
     @property
     def num_slots(self) -> int:
@@ -47,6 +79,7 @@ class ExpertPool:
         needs. The caller must `release` the slots once its kernel has run.
         """
         assert len(experts) <= self.num_slots, "more experts than slots: split the step"
+        self._reap_finished_loads()
         slots: list[int | None] = [self.table.lookup((layer, e)) for e in experts]
         for slot in slots:
             if slot is not None:
@@ -54,26 +87,94 @@ class ExpertPool:
                 self.table.touch(slot)
         misses = [i for i, slot in enumerate(slots) if slot is None]
         self.stats.record_lookups(layer, len(experts) - len(misses), len(misses))
+        start = time.perf_counter()
+        for slot in slots:
+            if slot is not None:
+                self._wait_if_loading(layer, slot)
         for i in misses:
-            slot, _ = self.table.allocate((layer, experts[i]))
-            self.table.pin(slot)
-            self._load(layer, experts[i], slot)
-            slots[i] = slot
-        if misses and self._copy_stream is not None:
-            torch.cuda.current_stream().wait_stream(self._copy_stream)
+            slots[i] = self._allocate_for_step((layer, experts[i]))
+            self._load(layer, experts[i], slots[i], background=False).wait()
+        self.stats.record_stall(layer, time.perf_counter() - start)
         return slots  # type: ignore[return-value]
+
+    def prefetch(self, layer: int, expert: int) -> bool:
+        """Starts loading an expert in the background; False if resident or no slot is free."""
+        if self.table.lookup((layer, expert)) is not None:
+            return False
+        try:
+            slot = self._allocate((layer, expert))
+        except PoolExhaustedError:
+            return False
+        self._loading[slot] = self._load(layer, expert, slot, background=True)
+        self._unused_prefetches.add(slot)
+        self.stats.record_prefetch(layer)
+        return True
 
     def release(self, slots: list[int]) -> None:
         for slot in slots:
             self.table.unpin(slot)
 
-    def _load(self, layer: int, expert: int, slot: int) -> None:
-        start = time.perf_counter()
+    def drain(self) -> None:
+        """Waits for every background load (the host waits: for tests and shutdown only)."""
+        for load in self._loading.values():
+            load.wait()
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        self._reap_finished_loads()
+
+    def _allocate_for_step(self, key: ExpertKey) -> int:
+        """Like `_allocate`, but a step may wait for background loads to free their slots."""
+        try:
+            return self._allocate(key)
+        except PoolExhaustedError:
+            if not self._loading:
+                raise
+            self.drain()
+            return self._allocate(key)
+
+    def _allocate(self, key: ExpertKey) -> int:
+        """A pinned slot for `key`; counts an evicted, never-used prefetch as waste."""
+        slot, evicted = self.table.allocate(key)
+        self.table.pin(slot)
+        if evicted is not None and slot in self._unused_prefetches:
+            self._unused_prefetches.discard(slot)
+            self.stats.record_wasted_prefetch(evicted[0])
+        return slot
+
+    def _wait_if_loading(self, layer: int, slot: int) -> None:
+        if slot in self._unused_prefetches:
+            self._unused_prefetches.discard(slot)
+            self.stats.record_used_prefetch(layer)
+        load = self._loading.pop(slot, None)
+        if load is not None:
+            load.wait()
+            self.table.unpin(slot)  # the load's own pin; the step's pin stays
+
+    def _reap_finished_loads(self) -> None:
+        for slot in [s for s, load in self._loading.items() if load.done()]:
+            del self._loading[slot]
+            self.table.unpin(slot)
+
+    def _load(
+        self, layer: int, expert: int, slot: int, background: bool
+    ) -> _CudaLoad | _ThreadLoad:
         if self._copy_stream is None:
-            self.store.read_expert(layer, expert, self.w13[slot], self.w2[slot])
-        else:
-            # A slot released this step may still be read by a queued kernel: load after it.
-            self._copy_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._copy_stream):
-                self.store.read_expert(layer, expert, self.w13[slot], self.w2[slot])
-        self.stats.record_load(layer, self.store.layout.nbytes, time.perf_counter() - start)
+            if background:
+                return _ThreadLoad(self._io.submit(self._copy_in, layer, expert, slot))
+            # A demand load must not queue behind prefetches: it runs on the calling thread.
+            done: Future = Future()
+            self._copy_in(layer, expert, slot)
+            done.set_result(None)
+            return _ThreadLoad(done)
+        # A slot released this step may still be read by a queued kernel: load after it.
+        self._copy_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_in(layer, expert, slot)
+            return _CudaLoad(self._copy_stream)
+
+    def _copy_in(self, layer: int, expert: int, slot: int) -> None:
+        start = time.perf_counter()
+        self.store.read_expert(layer, expert, self.w13[slot], self.w2[slot])
+        seconds = time.perf_counter() - start
+        self.stats.record_load(layer, self.store.layout.nbytes, seconds)
+        self.mean_load_seconds = running_mean(self.mean_load_seconds, seconds)

@@ -8,6 +8,7 @@ routed for each token (`[T, E]`, higher is likelier)? Layers are named by their 
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 
 import torch
@@ -62,3 +63,362 @@ def recall_at_k(predicted: torch.Tensor, actual: torch.Tensor) -> float:
     """
     hits = (predicted.unsqueeze(-1) == actual.unsqueeze(-2)).any(-1).sum()
     return hits.item() / actual.numel()
+
+
+def trace_layers(manifest: dict) -> list[int]:
+    return [int(layer) for layer in manifest["layers"]]
+
+
+def routed_one_hot(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`[T, E]` float multi-hot of the routed experts."""
+    hot = torch.zeros(topk_ids.shape[0], num_experts)
+    return hot.scatter_(1, topk_ids.long(), 1.0)
+
+
+def predictor_recall(
+    predictor: ExpertPredictor, tensors: dict[str, torch.Tensor], depth: int, num_predicted: int
+) -> tuple[float, float]:
+    """(recall, precision) of the top-`num_predicted` experts at `depth`, over every layer pair.
+
+    Micro-averaged: every routed (token, target layer, expert) counts once. Precision is the
+    share of predicted experts that were routed, i.e. the share of a prefetch that is used.
+    """
+    found = routed = predicted = 0
+    for layer in predictor.layers:
+        target = predictor.target_layer(layer, depth)
+        if target is None:
+            continue
+        hidden = tensors[f"hidden.{layer}"].float()
+        guess = predictor.predict_experts(
+            layer, depth, hidden, tensors[f"topk_ids.{layer}"].long(), num_predicted
+        )
+        actual = tensors[f"topk_ids.{target}"].long()
+        found += (guess.unsqueeze(-1) == actual.unsqueeze(-2)).any(-1).sum().item()
+        routed += actual.numel()
+        predicted += guess.numel()
+    if not routed:
+        return float("nan"), float("nan")
+    return found / routed, found / predicted
+
+
+class TransitionPredictor(ExpertPredictor):
+    """Expert-id statistics: P(expert e' routed at L+d | expert e routed at L), from a trace.
+
+    Each probability is Laplace-smoothed as a Bernoulli event, (co-routed + 1) / (routed + 2),
+    so an expert never seen at L predicts 1/2 for everything rather than dividing by zero. A
+    token's score for e' sums the probabilities over its k routed experts at L.
+    """
+
+    def __init__(
+        self,
+        layers: list[int],
+        max_depth: int,
+        counts: dict[tuple[int, int], torch.Tensor],
+        totals: dict[int, torch.Tensor],
+        origin: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(layers, max_depth)
+        self.counts = counts
+        self.totals = totals
+        self.origin = dict(origin or {})
+        self._probs = {
+            (layer, depth): (c + 1.0) / (totals[layer].unsqueeze(1) + 2.0)
+            for (layer, depth), c in counts.items()
+        }
+
+    @classmethod
+    def fit(
+        cls, manifest: dict, tensors: dict[str, torch.Tensor], max_depth: int
+    ) -> TransitionPredictor:
+        layers = trace_layers(manifest)
+        num_experts = manifest["num_experts"]
+        hot = {layer: routed_one_hot(tensors[f"topk_ids.{layer}"], num_experts) for layer in layers}
+        counts = {}
+        for i, layer in enumerate(layers):
+            for depth in range(1, max_depth + 1):
+                if i + depth < len(layers):
+                    counts[(layer, depth)] = hot[layer].T @ hot[layers[i + depth]]
+        totals = {layer: h.sum(0) for layer, h in hot.items()}
+        return cls(layers, max_depth, counts, totals, _origin(manifest))
+
+    def scores(
+        self, layer: int, depth: int, hidden: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        probs = self._probs[(layer, depth)]
+        return routed_one_hot(topk_ids, probs.shape[0]) @ probs
+
+
+class _Head(torch.nn.Module):
+    """Scores of one target layer's experts from one source layer's router input.
+
+    The linear part starts as the target layer's gate and every extra part starts at zero, so
+    an untrained head is exactly speculative gating and training only has to learn the drift.
+    """
+
+    def __init__(
+        self,
+        gate: torch.Tensor,
+        num_source_experts: int,
+        hidden_units: int = 0,
+        routed_features: bool = False,
+    ) -> None:
+        super().__init__()
+        num_experts, hidden_size = gate.shape
+        self.linear = torch.nn.Linear(hidden_size, num_experts)
+        with torch.no_grad():
+            self.linear.weight.copy_(gate.float())
+            self.linear.bias.zero_()
+        self.routed = None
+        if routed_features:
+            self.routed = torch.nn.Linear(num_source_experts, num_experts, bias=False)
+            torch.nn.init.zeros_(self.routed.weight)
+        self.mlp = None
+        if hidden_units:
+            extra = num_source_experts if routed_features else 0
+            self.norm = torch.nn.LayerNorm(hidden_size)
+            self.mlp = torch.nn.Sequential(
+                torch.nn.Linear(hidden_size + extra, hidden_units),
+                torch.nn.GELU(),
+                torch.nn.Linear(hidden_units, num_experts),
+            )
+            torch.nn.init.zeros_(self.mlp[-1].weight)
+            torch.nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, hidden: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        out = self.linear(hidden)
+        if self.routed is not None:
+            out = out + self.routed(routed)
+        if self.mlp is not None:
+            features = [self.norm(hidden)] + ([routed] if self.routed is not None else [])
+            out = out + self.mlp(torch.cat(features, dim=-1))
+        return out
+
+
+class LearnedPredictor(ExpertPredictor):
+    """A small trained head per (layer, depth), initialised from the target layer's gate.
+
+    `hidden_units` > 0 adds a one-hidden-layer residual MLP; `routed_features` adds layer L's
+    routed-expert multi-hot as an input (layer L's MoE output, which depends on that choice,
+    is part of what layer L+1's router sees).
+    """
+
+    def __init__(
+        self,
+        gates: dict[int, torch.Tensor],
+        max_depth: int = 1,
+        hidden_units: int = 0,
+        routed_features: bool = False,
+        origin: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(sorted(gates), max_depth)
+        self.hidden_units = hidden_units
+        self.routed_features = routed_features
+        self.origin = dict(origin or {})
+        self.num_experts = next(iter(gates.values())).shape[0]
+        self.heads = torch.nn.ModuleDict()
+        # MLP initialisation draws from the global RNG: fix it so a seed reproduces a file.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self._build_heads(gates)
+        self.heads.eval()
+
+    def _build_heads(self, gates: dict[int, torch.Tensor]) -> None:
+        for layer in self.layers:
+            for depth in range(1, max_depth + 1):
+                target = self.target_layer(layer, depth)
+                if target is not None:
+                    self.heads[_head_name(layer, depth)] = _Head(
+                        gates[target], self.num_experts, self.hidden_units, self.routed_features
+                    )
+
+    def scores(
+        self, layer: int, depth: int, hidden: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        head = self.heads[_head_name(layer, depth)]
+        with torch.no_grad():
+            return head(hidden.float(), routed_one_hot(topk_ids, self.num_experts))
+
+    def fit(
+        self,
+        tensors: dict[str, torch.Tensor],
+        epochs: int = 10,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        loss: str = "softmax",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        """Trains every head on a trace, to the target layer's routed set."""
+        from tqdm import tqdm
+
+        names = list(self.heads)
+        self.heads.train()
+        for name in tqdm(names, desc="train predictor heads", disable=not progress):
+            layer, depth = _parse_head_name(name)
+            target = self.target_layer(layer, depth)
+            inputs = (
+                tensors[f"hidden.{layer}"].float(),
+                routed_one_hot(tensors[f"topk_ids.{layer}"], self.num_experts),
+                routed_one_hot(tensors[f"topk_ids.{target}"], self.num_experts),
+            )
+            generator = torch.Generator().manual_seed(seed + names.index(name))
+            _train_head(self.heads[name], inputs, epochs, lr, batch_size, _LOSSES[loss], generator)
+        self.heads.eval()
+
+
+def _softmax_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Listwise: cross-entropy to the uniform distribution over the routed set.
+
+    Invariant to a per-token shift of the logits, like the router's own softmax top-k.
+    """
+    target = target / target.sum(-1, keepdim=True)
+    return -(target * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def _bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+
+_LOSSES = {"softmax": _softmax_loss, "bce": _bce_loss}
+
+
+def _train_head(
+    head: _Head,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    loss_fn,
+    generator: torch.Generator,
+) -> None:
+    hidden, routed, target = inputs
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    batches_per_epoch = max(1, -(-len(hidden) // batch_size))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * batches_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(hidden), generator=generator)
+        for batch in order.split(batch_size):
+            loss = loss_fn(head(hidden[batch], routed[batch]), target[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+
+
+def _head_name(layer: int, depth: int) -> str:
+    return f"{layer}_{depth}"
+
+
+def _parse_head_name(name: str) -> tuple[int, int]:
+    layer, depth = name.split("_")
+    return int(layer), int(depth)
+
+
+def _origin(manifest: dict) -> dict[str, str]:
+    return {"model": str(manifest.get("model", "")), "config_hash": manifest["config_hash"]}
+
+
+# Saving and loading: one safetensors file, its header metadata naming what it was made for.
+
+PREDICTOR_FORMAT = "1"
+
+
+class PredictorMismatchError(ValueError):
+    """The predictor file was trained for another model."""
+
+
+def save_predictor(predictor: ExpertPredictor, path: str) -> None:
+    """Writes `predictor` to one safetensors file, atomically (a temporary name, then rename)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    kind, state = _SAVERS[type(predictor)]
+    tensors, extra = state(predictor)
+    origin = getattr(predictor, "origin", {})
+    metadata = {
+        "format": PREDICTOR_FORMAT,
+        "kind": kind,
+        "model": origin.get("model", ""),
+        "config_hash": origin.get("config_hash", ""),
+        "layers": json.dumps(predictor.layers),
+        "max_depth": str(predictor.max_depth),
+        **{key: json.dumps(value) for key, value in extra.items()},
+    }
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_predictor(path: str, expected_config_hash: str | None) -> ExpertPredictor:
+    """Reads a predictor file; refuses one made for another model config (None skips the check)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    found = metadata.get("config_hash", "")
+    if expected_config_hash is not None and found != expected_config_hash:
+        raise PredictorMismatchError(
+            f"expertflow: predictor {path} was trained for model config hash {found or '?'} "
+            f"but this model's config hash is {expected_config_hash}; re-run "
+            f"`vllm-expertflow train-predictor` on traces of this model"
+        )
+    kind = metadata.get("kind")
+    if kind not in _LOADERS:
+        raise ValueError(f"expertflow: {path} is not a predictor file (kind={kind!r})")
+    layers = json.loads(metadata["layers"])
+    meta = {k: json.loads(v) for k, v in metadata.items() if k not in _PLAIN_METADATA}
+    origin = {"model": metadata.get("model", ""), "config_hash": found}
+    return _LOADERS[kind](tensors, layers, int(metadata["max_depth"]), meta, origin)
+
+
+_PLAIN_METADATA = {"format", "kind", "model", "config_hash", "layers", "max_depth"}
+
+
+def _transition_state(p: TransitionPredictor) -> tuple[dict, dict]:
+    tensors = {f"counts.{layer}.{depth}": c for (layer, depth), c in p.counts.items()}
+    tensors |= {f"totals.{layer}": t for layer, t in p.totals.items()}
+    num_experts = next(iter(p.totals.values())).shape[0]
+    return tensors, {"num_experts": num_experts}
+
+
+def _load_transition(tensors, layers, max_depth, meta, origin) -> TransitionPredictor:
+    counts, totals = {}, {}
+    for key, value in tensors.items():
+        kind, *index = key.split(".")
+        if kind == "counts":
+            counts[(int(index[0]), int(index[1]))] = value
+        else:
+            totals[int(index[0])] = value
+    return TransitionPredictor(layers, max_depth, counts, totals, origin)
+
+
+def _learned_state(p: LearnedPredictor) -> tuple[dict, dict]:
+    tensors = {f"heads.{k}": v for k, v in p.heads.state_dict().items()}
+    head = next(iter(p.heads.values()))
+    extra = {
+        "num_experts": p.num_experts,
+        "hidden_size": head.linear.in_features,
+        "hidden_units": p.hidden_units,
+        "routed_features": p.routed_features,
+    }
+    return tensors, extra
+
+
+def _load_learned(tensors, layers, max_depth, meta, origin) -> LearnedPredictor:
+    # Placeholder gates give the heads their shapes; the state dict then overwrites them.
+    gates = {layer: torch.zeros(meta["num_experts"], meta["hidden_size"]) for layer in layers}
+    predictor = LearnedPredictor(
+        gates, max_depth, meta["hidden_units"], meta["routed_features"], origin
+    )
+    predictor.heads.load_state_dict({k.removeprefix("heads."): v for k, v in tensors.items()})
+    return predictor
+
+
+_SAVERS = {
+    TransitionPredictor: ("transition", _transition_state),
+    LearnedPredictor: ("learned", _learned_state),
+}
+_LOADERS = {"transition": _load_transition, "learned": _load_learned}

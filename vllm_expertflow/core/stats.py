@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import threading
+from dataclasses import asdict, dataclass, field, fields
+
+
+def running_mean(mean: float | None, sample: float, weight: float = 0.1) -> float:
+    """Exponential moving average; `weight` is the newest sample's share."""
+    return sample if mean is None else (1 - weight) * mean + weight * sample
 
 
 @dataclass
@@ -11,6 +17,10 @@ class LayerStats:
     misses: int = 0
     bytes_loaded: int = 0
     load_seconds: float = 0.0
+    stall_seconds: float = 0.0
+    prefetches_issued: int = 0
+    prefetches_used: int = 0
+    prefetches_wasted: int = 0
 
     @property
     def lookups(self) -> int:
@@ -24,6 +34,8 @@ class LayerStats:
 @dataclass
 class OffloadStats:
     layers: dict[int, LayerStats] = field(default_factory=dict)
+    # Loads finish on I/O threads while the step thread counts lookups.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def layer(self, layer: int) -> LayerStats:
         if layer not in self.layers:
@@ -36,17 +48,29 @@ class OffloadStats:
         stats.misses += misses
 
     def record_load(self, layer: int, num_bytes: int, seconds: float) -> None:
-        stats = self.layer(layer)
-        stats.bytes_loaded += num_bytes
-        stats.load_seconds += seconds
+        with self._lock:
+            stats = self.layer(layer)
+            stats.bytes_loaded += num_bytes
+            stats.load_seconds += seconds
+
+    def record_stall(self, layer: int, seconds: float) -> None:
+        self.layer(layer).stall_seconds += seconds
+
+    def record_prefetch(self, layer: int) -> None:
+        self.layer(layer).prefetches_issued += 1
+
+    def record_used_prefetch(self, layer: int) -> None:
+        self.layer(layer).prefetches_used += 1
+
+    def record_wasted_prefetch(self, layer: int) -> None:
+        self.layer(layer).prefetches_wasted += 1
 
     def total(self) -> LayerStats:
         total = LayerStats()
-        for stats in self.layers.values():
-            total.hits += stats.hits
-            total.misses += stats.misses
-            total.bytes_loaded += stats.bytes_loaded
-            total.load_seconds += stats.load_seconds
+        with self._lock:
+            for stats in self.layers.values():
+                for f in fields(LayerStats):
+                    setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
         return total
 
     def as_dict(self) -> dict:
@@ -63,5 +87,7 @@ class OffloadStats:
         return (
             f"lookups={total.lookups} hits={total.hits} misses={total.misses} "
             f"hit_rate={total.hit_rate:.3f} loaded={total.bytes_loaded / 2**20:.1f} MiB "
-            f"load_seconds={total.load_seconds:.3f}"
+            f"load_seconds={total.load_seconds:.3f} stall_seconds={total.stall_seconds:.3f} "
+            f"prefetches issued/used/wasted={total.prefetches_issued}/{total.prefetches_used}/"
+            f"{total.prefetches_wasted}"
         )

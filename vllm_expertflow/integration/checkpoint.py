@@ -7,6 +7,7 @@ gate weights after prepacking, so they are read from the safetensors files inste
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 
@@ -30,3 +31,9 @@ def load_gate_weights(model_dir: str) -> dict[int, torch.Tensor]:
             f"expertflow: no MoE gate weights (model.layers.N.mlp.gate.weight) in {model_dir}"
         )
     return gates
+
+
+def config_hash(model_dir: str) -> str:
+    """Identifies a model's architecture: predictors and traces are only valid for it."""
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()

@@ -7,7 +7,9 @@ One MoE step (one layer's forward), router to kernel:
     [Plan]     plan_rounds: group tokens so each round needs <= num_slots experts
         |
     [Pool]     ExpertPool.ensure_resident(layer, experts): page-table lookup, pin the hits,
-        |      load the misses from the store (evicting unpinned experts)
+        |      wait for any still in flight, load the misses (evicting unpinned experts)
+    [Prefetch] Prefetcher.after_routing: the predictor scores layers L+1..L+d's experts;
+        |      the likeliest load in the background while this layer computes
     [Remap]    topk_ids -> slot ids through a per-layer expert -> slot table
         |
     [Kernel]   the platform's stock modular kernel on ExpertPool.w13 / ExpertPool.w2
@@ -155,28 +157,36 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
     ) -> torch.Tensor:
-        if self.runtime.tracer is not None:
-            self.runtime.tracer.record(self.layer_index, x, topk_ids)
-        rounds = plan_rounds(topk_ids, self.runtime.pool.num_slots)
+        runtime, pool = self.runtime, self.runtime.pool
+        if runtime.tracer is not None:
+            runtime.tracer.record(self.layer_index, x, topk_ids)
+        rounds = plan_rounds(topk_ids, pool.num_slots)
         if len(rounds) == 1:
-            return self._apply_round(layer, x, topk_weights, topk_ids, rounds[0][1])
+            slots = pool.ensure_resident(self.layer_index, rounds[0][1])
+            # Queued after this layer's experts are pinned, so no prefetch can evict them.
+            if runtime.prefetcher is not None:
+                runtime.prefetcher.after_routing(self.layer_index, x, topk_ids)
+            return self._run_kernel(layer, x, topk_weights, topk_ids, rounds[0][1], slots)
+        # The layer alone oversubscribes the pool: no room to prefetch for the next ones.
         output = torch.empty_like(x)
         for tokens, experts in rounds:
-            output[tokens] = self._apply_round(
-                layer, x[tokens], topk_weights[tokens], topk_ids[tokens], experts
+            slots = pool.ensure_resident(self.layer_index, experts)
+            output[tokens] = self._run_kernel(
+                layer, x[tokens], topk_weights[tokens], topk_ids[tokens], experts, slots
             )
         return output
 
-    def _apply_round(
+    def _run_kernel(
         self,
         layer: torch.nn.Module,
         x: torch.Tensor,
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
         experts: list[int],
+        slots: list[int],
     ) -> torch.Tensor:
+        """The stock kernel on the pool, expert ids remapped to slots; releases the slots."""
         pool = self.runtime.pool
-        slots = pool.ensure_resident(self.layer_index, experts)
         try:
             self._slot_of_expert[experts] = torch.tensor(
                 slots, dtype=torch.int32, device=self._slot_of_expert.device

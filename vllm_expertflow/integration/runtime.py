@@ -22,9 +22,13 @@ from vllm_expertflow.core.config import OffloadConfig
 from vllm_expertflow.core.disk_store import DiskStore
 from vllm_expertflow.core.policy import make_policy
 from vllm_expertflow.core.pool import ExpertPool
+from vllm_expertflow.core.predictor import GatePredictor
+from vllm_expertflow.core.prefetcher import Prefetcher
 from vllm_expertflow.core.stats import OffloadStats
 from vllm_expertflow.core.store import ExpertStore, RamStore
 from vllm_expertflow.core.tracer import RoutingTracer
+
+from .checkpoint import config_hash, load_gate_weights
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class OffloadRuntime:
         self._top_k = 0
         self.store: ExpertStore | None = None
         self.pool: ExpertPool | None = None
+        self.prefetcher: Prefetcher | None = None
         self.tracer: RoutingTracer | None = None
         atexit.register(self.log_stats)
 
@@ -82,6 +87,7 @@ class OffloadRuntime:
         self.pool = ExpertPool(
             self.store, num_slots, self.device, make_policy(self.config.policy), self.stats
         )
+        self.prefetcher = self._make_prefetcher()
         logger.info(
             "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %s store%s)",
             num_slots,
@@ -93,6 +99,18 @@ class OffloadRuntime:
             if isinstance(self.store, DiskStore)
             else "",
         )
+
+    def _make_prefetcher(self) -> Prefetcher | None:
+        name, model = self.config.predictor, self._model_config.model
+        if name == "none":
+            return None
+        if name == "gate":
+            predictor = GatePredictor(load_gate_weights(model), self.config.prefetch_depth)
+        else:
+            from vllm_expertflow.core.predictor import load_predictor
+
+            predictor = load_predictor(name, config_hash(model))
+        return Prefetcher(self.pool, predictor, self.config.prefetch_depth, self._top_k)
 
     def _make_store(self, num_experts: int, kernel_name: str) -> ExpertStore:
         if self.config.store == "ram":

@@ -8,12 +8,12 @@ budget that holds the chunk), so a step's tokens are exactly one request's posit
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
 from pathlib import Path
 
+from vllm_expertflow.integration.checkpoint import config_hash
 from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine
 
 logger = logging.getLogger(__name__)
@@ -30,13 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_metadata(model: Path) -> dict:
-    config_text = (model / "config.json").read_text()
-    config = json.loads(config_text)
+    config = json.loads((model / "config.json").read_text())
     num_layers = config["num_hidden_layers"]
     sparse = [i for i in range(num_layers) if i not in config.get("mlp_only_layers", [])]
     return {
         "model": str(model.resolve()),
-        "config_hash": hashlib.sha256(config_text.encode()).hexdigest(),
+        "config_hash": config_hash(str(model)),
         "layers": sparse,
         "num_experts": config["num_experts"],
         "top_k": config["num_experts_per_tok"],

@@ -1,0 +1,86 @@
+"""Prefetching the experts later layers are predicted to need while the current layer computes.
+
+At MoE layer L the predictor scores the experts of layers L+1..L+depth for the batch; the
+likeliest are queued as background loads, as many per layer as the link can move in one
+layer's compute time (both measured while serving). The predictive eviction policy, when in
+use, learns from the same scores which resident experts are needed soonest.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .policy import EvictionPolicy, PredictivePolicy
+from .pool import ExpertPool
+from .predictor import ExpertPredictor
+from .stats import running_mean
+
+
+class LinkBudget:
+    """How many expert loads fit in one layer's compute time, from running means."""
+
+    def __init__(self) -> None:
+        self.layer_seconds: float | None = None
+        self._last_layer_start: float | None = None
+
+    def layer_started(self) -> None:
+        now = time.perf_counter()
+        if self._last_layer_start is not None:
+            self.layer_seconds = running_mean(self.layer_seconds, now - self._last_layer_start)
+        self._last_layer_start = now
+
+    def experts_per_layer(self, load_seconds: float | None, floor: int) -> int:
+        if self.layer_seconds is None or not load_seconds:
+            return floor  # nothing measured yet: one token's worth
+        return max(floor, int(self.layer_seconds / load_seconds))
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        pool: ExpertPool,
+        predictor: ExpertPredictor,
+        depth: int,
+        top_k: int,
+    ) -> None:
+        self.pool = pool
+        self.predictor = predictor
+        self.depth = min(depth, predictor.max_depth)
+        self.top_k = top_k
+        self.budget = LinkBudget()
+        policy: EvictionPolicy = pool.policy
+        self._predictive = policy if isinstance(policy, PredictivePolicy) else None
+
+    def after_routing(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """Layer `layer` has routed its batch: queue loads for the layers after it."""
+        self.budget.layer_started()
+        if self._predictive is not None:
+            self._predictive.clear_predictions(layer)
+        remaining = self.budget.experts_per_layer(self.pool.mean_load_seconds, self.top_k)
+        for depth in range(1, self.depth + 1):
+            target = self.predictor.target_layer(layer, depth)
+            if target is None:
+                break
+            scores = self.predictor.scores(layer, depth, hidden, topk_ids)
+            for expert, votes in rank_for_batch(scores, self.top_k):
+                if self._predictive is not None:
+                    # Nearer layers are needed sooner: their predictions weigh more.
+                    self._predictive.predict((target, expert), votes / depth)
+                if remaining > 0 and self.pool.prefetch(target, expert):
+                    remaining -= 1
+
+
+def rank_for_batch(scores: torch.Tensor, top_k: int) -> list[tuple[int, float]]:
+    """Experts some token is predicted to route to, with the share of tokens that do, best first.
+
+    Ties between equally voted experts go to the higher mean probability.
+    """
+    votes = torch.zeros(scores.shape[-1])
+    votes.index_add_(
+        0, scores.topk(top_k, dim=-1).indices.flatten().cpu(), torch.ones(scores.shape[0] * top_k)
+    )
+    share = votes / scores.shape[0]
+    order = (share + 1e-3 * scores.softmax(-1).mean(0).cpu()).argsort(descending=True)
+    return [(int(e), float(share[e])) for e in order if share[e] > 0]

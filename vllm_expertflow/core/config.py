@@ -29,6 +29,7 @@ class OffloadConfig:
     policy: str = "lru"
     predictor: str = "none"
     prefetch_depth: int = 1
+    link_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if self.cache_fraction is not None and self.cache_experts is not None:
@@ -69,6 +70,13 @@ class OffloadConfig:
         if not (isinstance(self.prefetch_depth, int) and 1 <= self.prefetch_depth <= 4):
             raise ExpertFlowConfigError(
                 f"expertflow: prefetch_depth={self.prefetch_depth!r} is invalid; use 1 to 4"
+            )
+        if self.link_gbps is not None and not (
+            isinstance(self.link_gbps, int | float) and self.link_gbps > 0
+        ):
+            raise ExpertFlowConfigError(
+                f"expertflow: link_gbps={self.link_gbps!r} is invalid; use a positive number of "
+                "GB/s to emulate a slower link (benchmarks only), or leave it unset"
             )
         if not isinstance(self.store_dir, str) or not self.store_dir:
             raise ExpertFlowConfigError(

@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from .link import EmulatedLink
 from .page_table import PageTable, PoolExhaustedError
 from .policy import EvictionPolicy, ExpertKey
 from .stats import OffloadStats, running_mean
@@ -53,10 +54,12 @@ class ExpertPool:
         policy: EvictionPolicy,
         stats: OffloadStats,
         io_threads: int = 1,
+        link: EmulatedLink | None = None,
     ) -> None:
         layout = store.layout
         assert layout is not None, "the pool is built after the store is written"
         self.store = store
+        self.link = link
         self.stats = stats
         self.policy = policy
         self.table = PageTable(num_slots, policy)
@@ -175,6 +178,8 @@ class ExpertPool:
     def _copy_in(self, layer: int, expert: int, slot: int) -> None:
         start = time.perf_counter()
         self.store.read_expert(layer, expert, self.w13[slot], self.w2[slot])
+        if self.link is not None:
+            self.link.transfer(self.store.layout.nbytes)
         seconds = time.perf_counter() - start
         self.stats.record_load(layer, self.store.layout.nbytes, seconds)
         self.mean_load_seconds = running_mean(self.mean_load_seconds, seconds)

@@ -20,6 +20,7 @@ from vllm.config import VllmConfig
 
 from vllm_expertflow.core.config import OffloadConfig
 from vllm_expertflow.core.disk_store import DiskStore
+from vllm_expertflow.core.link import EmulatedLink
 from vllm_expertflow.core.policy import make_policy
 from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.predictor import GatePredictor
@@ -84,8 +85,14 @@ class OffloadRuntime:
         self.store.finish_writing()
         num_layers = len(self._layers)
         num_slots = self.config.num_slots(num_layers, self.store.num_experts, self._top_k)
+        link = EmulatedLink(self.config.link_gbps) if self.config.link_gbps else None
         self.pool = ExpertPool(
-            self.store, num_slots, self.device, make_policy(self.config.policy), self.stats
+            self.store,
+            num_slots,
+            self.device,
+            make_policy(self.config.policy),
+            self.stats,
+            link=link,
         )
         self.prefetcher = self._make_prefetcher()
         logger.info(

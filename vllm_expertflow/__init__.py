@@ -21,3 +21,14 @@ def get_stats(llm: Any) -> dict:
             'was the LLM built with moe_backend="expertflow"?'
         )
     return models[0]
+
+
+def reconfigure(llm: Any, options: dict) -> None:
+    """Rebuilds the expert pool of a loaded `LLM` with new `expertflow` options.
+
+    Same keys as `additional_config["expertflow"]`; the store must stay the same. Statistics
+    restart from zero. Meant for comparing cache sizes, policies and predictors in one engine.
+    """
+    from vllm_expertflow.integration.runtime import reconfigure as reconfigure_worker
+
+    llm.collective_rpc(reconfigure_worker, args=(options,))

@@ -125,6 +125,12 @@ class ExpertPool:
             self._copy_stream.synchronize()
         self._reap_finished_loads()
 
+    def close(self) -> None:
+        """Finishes background loads and stops the I/O threads."""
+        self.drain()
+        if self._io is not None:
+            self._io.shutdown()
+
     def _allocate_for_step(self, key: ExpertKey) -> int:
         """Like `_allocate`, but a step may wait for background loads to free their slots."""
         try:

@@ -18,7 +18,7 @@ import re
 import torch
 from vllm.config import VllmConfig
 
-from vllm_expertflow.core.config import OffloadConfig
+from vllm_expertflow.core.config import ExpertFlowConfigError, OffloadConfig
 from vllm_expertflow.core.disk_store import DiskStore
 from vllm_expertflow.core.link import EmulatedLink
 from vllm_expertflow.core.policy import make_policy
@@ -83,9 +83,36 @@ class OffloadRuntime:
         if self._pending_layers or self.pool is not None:
             return
         self.store.finish_writing()
+        self._build_pool()
+
+    def reconfigure(self, options: dict) -> None:
+        """Rebuilds the pool, policy and predictor with new options, keeping the store.
+
+        For benchmarks and tests that compare cache sizes and policies on one loaded engine.
+        The store cannot change without reloading the model; on a GPU the pool may not grow past
+        its start-up size, which vLLM's memory budget was computed with.
+        """
+        config = OffloadConfig.from_dict(options)
+        if (config.store, config.resolved_store_dir) != (
+            self.config.store,
+            self.config.resolved_store_dir,
+        ):
+            raise ExpertFlowConfigError("expertflow: reconfigure cannot change store or store_dir")
+        old_slots = self.pool.num_slots
+        self.pool.close()
+        self.config = config
+        self._build_pool()
+        if self.device.type == "cuda" and self.pool.num_slots > old_slots:
+            raise ExpertFlowConfigError(
+                f"expertflow: cannot grow the pool on a GPU past its {old_slots} start-up slots"
+            )
+
+    def _build_pool(self) -> None:
         num_layers = len(self._layers)
         num_slots = self.config.num_slots(num_layers, self.store.num_experts, self._top_k)
         link = EmulatedLink(self.config.link_gbps) if self.config.link_gbps else None
+        self.stats = OffloadStats()
+        self.pool = None  # the old slots go before the new ones are allocated
         self.pool = ExpertPool(
             self.store,
             num_slots,
@@ -96,7 +123,8 @@ class OffloadRuntime:
         )
         self.prefetcher = self._make_prefetcher()
         logger.info(
-            "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %s store%s)",
+            "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %s store%s, "
+            "policy %s, predictor %s)",
             num_slots,
             num_layers,
             self.store.num_experts,
@@ -105,6 +133,8 @@ class OffloadRuntime:
             f", reads bypass the page cache with {self.store.bypass}"
             if isinstance(self.store, DiskStore)
             else "",
+            self.config.policy,
+            self.config.predictor,
         )
 
     def _make_prefetcher(self) -> Prefetcher | None:
@@ -164,6 +194,11 @@ def _only_runtime() -> OffloadRuntime:
     if len(runtimes) != 1:
         raise RuntimeError(f"expertflow: expected one offloaded model here, found {len(runtimes)}")
     return runtimes[0]
+
+
+def reconfigure(worker: object, options: dict) -> None:
+    """`LLM.collective_rpc` target: see `OffloadRuntime.reconfigure`."""
+    _only_runtime().reconfigure(options)
 
 
 def start_tracing(

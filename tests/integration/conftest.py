@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -22,6 +23,10 @@ def stock_run(prompts) -> EngineRun:
 
 @pytest.fixture(scope="session")
 def demo_config() -> dict:
-    import json
-
     return json.loads((DEMO_MODEL / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def disk_store_dir(tmp_path_factory):
+    """Shared by every engine of the session, so later ones reuse what the first wrote."""
+    return tmp_path_factory.mktemp("expert-store")

@@ -1,55 +1,93 @@
-"""Greedy tokens of `moe_backend="expertflow"` equal the stock backend's, at every cache size."""
+"""Greedy tokens of `moe_backend="expertflow"` equal the stock backend's, for every cache size,
+store, eviction policy and predictor. One engine per store; `reconfigure` swaps the pool."""
 
 import os
 
 import pytest
 from conftest import MAX_NUM_BATCHED_TOKENS
 
-from vllm_expertflow.tools.engine_runs import run_greedy
+import vllm_expertflow
+from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine
 
-CACHES = ["1.0", "0.5", "0.25", "min"]
 pytestmark = pytest.mark.engine
 
-
-@pytest.fixture(scope="module")
-def disk_store_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("expert-store")
-
-
-def cache_options(cache: str, top_k: int) -> dict:
-    return {"cache_experts": top_k} if cache == "min" else {"cache_fraction": float(cache)}
+LEARNED = DEMO_MODEL / "predictor_learned.safetensors"
+TRANSITION = DEMO_MODEL / "predictor_transition.safetensors"
+# (cache, extra options): cache is a fraction of all experts, or "min" for top-k slots.
+CONFIGS = [
+    ("1.0", {}),
+    ("0.5", {}),
+    ("0.25", {}),
+    ("min", {}),
+    ("0.25", {"policy": "lfu"}),
+    ("min", {"policy": "lfu"}),
+    ("0.25", {"policy": "predictive", "predictor": "gate", "prefetch_depth": 2}),
+    ("min", {"policy": "predictive", "predictor": "gate"}),
+    ("0.25", {"policy": "predictive", "predictor": str(LEARNED), "prefetch_depth": 2}),
+    ("min", {"policy": "predictive", "predictor": str(LEARNED)}),
+    ("0.25", {"policy": "lru", "predictor": str(TRANSITION)}),
+]
 
 
 def layer_files(directory) -> dict[str, int]:
     return {
-        f"{root}/{name}": os.stat(os.path.join(root, name)).st_mtime_ns
+        os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
         for root, _, names in os.walk(directory)
         for name in names
         if name.endswith(".bin")
     }
 
 
-@pytest.mark.parametrize("store", ["ram", "disk"])
-@pytest.mark.parametrize("cache", CACHES)
-def test_greedy_tokens_match_stock(store, cache, prompts, stock_run, demo_config, disk_store_dir):
+@pytest.fixture(scope="module", params=["ram", "disk"])
+def engine(request, disk_store_dir):
+    store = request.param
+    options = {"cache_fraction": 1.0, "store": store, "store_dir": str(disk_store_dir)}
+    with open_engine("expertflow", options, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS) as llm:
+        yield store, llm
+
+
+def options_for(cache: str, extra: dict, store: str, store_dir, top_k: int) -> dict:
+    size = {"cache_experts": top_k} if cache == "min" else {"cache_fraction": float(cache)}
+    return {**size, **extra, "store": store, "store_dir": str(store_dir)}
+
+
+@pytest.mark.parametrize("cache, extra", CONFIGS, ids=[f"{c}-{e}" for c, e in CONFIGS])
+def test_greedy_tokens_match_stock(
+    engine, cache, extra, prompts, stock_run, demo_config, disk_store_dir
+):
+    store, llm = engine
     top_k, num_experts = demo_config["num_experts_per_tok"], demo_config["num_experts"]
-    options = {**cache_options(cache, top_k), "store": store, "store_dir": str(disk_store_dir)}
-    files_before = layer_files(disk_store_dir)
+    num_layers = demo_config["num_hidden_layers"]
+    vllm_expertflow.reconfigure(llm, options_for(cache, extra, store, disk_store_dir, top_k))
 
-    run = run_greedy(prompts, "expertflow", options, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS)
+    outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
+    stats = vllm_expertflow.get_stats(llm)
 
-    assert run.token_ids == stock_run.token_ids
-    assert all(len(tokens) == 32 for tokens in run.token_ids)
-    total = run.stats["total"]
+    assert [list(o.outputs[0].token_ids) for o in outputs] == stock_run.token_ids
+    total = stats["total"]
     assert total["hits"] + total["misses"] == total["lookups"] > 0
-    assert set(run.stats["layers"]) == {str(i) for i in range(demo_config["num_hidden_layers"])}
+    assert set(stats["layers"]) == {str(i) for i in range(num_layers)}
     expert_bytes = 3 * demo_config["hidden_size"] * demo_config["moe_intermediate_size"] * 2
-    assert total["bytes_loaded"] == total["misses"] * expert_bytes
+    loads = total["misses"] + total["prefetches_issued"]
+    assert total["bytes_loaded"] == loads * expert_bytes
+    assert total["prefetches_used"] + total["prefetches_wasted"] <= total["prefetches_issued"]
     if cache == "1.0":
-        # Everything fits: each expert is loaded at most once, ever.
-        assert total["misses"] <= num_experts * demo_config["num_hidden_layers"]
+        assert total["misses"] <= num_experts * num_layers, "all fit: each loads at most once"
     if cache == "min":
-        assert total["misses"] > total["hits"] / 10, "a 4-slot pool must keep missing"
-    if store == "disk" and files_before:
-        # Written once at first load, then reused untouched.
-        assert layer_files(disk_store_dir) == files_before
+        assert total["misses"] > total["hits"] / 10, "a top-k-slot pool must keep missing"
+    if "predictor" in extra and cache != "min":
+        assert total["prefetches_used"] > 0
+
+
+def test_disk_store_is_written_once_and_reused(disk_store_dir, prompts, stock_run, demo_config):
+    """A later engine on the same store_dir reads the verified files without rewriting them."""
+    options = {"cache_fraction": 0.25, "store": "disk", "store_dir": str(disk_store_dir)}
+    if not layer_files(disk_store_dir):  # run alone: the disk engine above has not written it
+        with open_engine("expertflow", options, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS):
+            pass
+    files = layer_files(disk_store_dir)
+    assert len(files) == demo_config["num_hidden_layers"], "one file per MoE layer"
+    with open_engine("expertflow", options, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS) as llm:
+        outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == stock_run.token_ids
+    assert layer_files(disk_store_dir) == files

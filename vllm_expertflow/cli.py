@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import sys
 
 # Each module exposes `add_arguments(parser)` and `run(args) -> int`; imported lazily so that
 # `vllm-expertflow --help` does not pay for torch or vllm.
@@ -12,18 +13,28 @@ SUBCOMMANDS = {
     "build-demo-model": ("vllm_expertflow.tools.build_demo_model", "train the demo Qwen3-MoE"),
     "trace": ("vllm_expertflow.tools.trace", "record routing traces with the real engine"),
     "bench": ("vllm_expertflow.tools.bench", "decode/prefill speed against the stock backend"),
+    "train-predictor": (
+        "vllm_expertflow.tools.train_predictor",
+        "fit a next-layer expert predictor on a routing trace",
+    ),
+    "eval-predictors": (
+        "vllm_expertflow.tools.eval_predictors",
+        "compare expert predictors and cache policies on a held-out trace",
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="vllm-expertflow")
     commands = parser.add_subparsers(dest="command", required=True)
+    chosen = next((arg for arg in argv if arg in SUBCOMMANDS), None)
+    module = None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_text)
-        sub.set_defaults(module_name=module_name)
-    known, _ = parser.parse_known_args(argv)
-    module = importlib.import_module(known.module_name)
-    module.add_arguments(commands.choices[known.command])
+        if name == chosen:  # only the chosen tool's imports are paid for
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return module.run(args)

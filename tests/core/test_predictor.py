@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from vllm_expertflow.core.predictor import (
+    GatePredictor,
+    LearnedPredictor,
+    PredictorMismatchError,
+    TransitionPredictor,
+    load_predictor,
+    predictor_recall,
+    save_predictor,
+)
+from vllm_expertflow.core.tracer import RoutingTracer, read_trace
+
+E, K, H = 8, 2, 16
+
+
+def write_trace(directory, hidden: dict, topk: dict, tokens_per_request: int = 50):
+    """A trace through the real tracer: one request per `tokens_per_request` rows."""
+    metadata = {
+        "model": "synthetic",
+        "config_hash": "hash-a",
+        "layers": sorted(hidden),
+        "num_experts": E,
+        "top_k": K,
+        "hidden_size": H,
+    }
+    num_tokens = next(iter(hidden.values())).shape[0]
+    tracer = RoutingTracer(str(directory), metadata, max_tokens=num_tokens)
+    for start in range(0, num_tokens, tokens_per_request):
+        rows = slice(start, start + tokens_per_request)
+        for layer in sorted(hidden):
+            tracer.record(layer, hidden[layer][rows], topk[layer][rows])
+    tracer.close()
+    return read_trace(str(directory))
+
+
+def shifted_routing(num_tokens: int, seed: int = 0):
+    """Layer 1 routes to (layer 0's experts + 1) mod E: a deterministic transition."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(num_tokens)])
+    topk = {0: first, 1: (first + 1) % E}
+    hidden = {layer: torch.randn(num_tokens, H, generator=g) for layer in topk}
+    return hidden, topk
+
+
+def linear_routing(num_tokens: int, seed: int = 0):
+    """Every layer routes by a linear map of one shared hidden state; gates are perturbed."""
+    g = torch.Generator().manual_seed(seed)
+    true_maps = {layer: torch.randn(E, H, generator=g) for layer in (0, 1, 2)}
+    hidden_state = torch.randn(num_tokens, H, generator=g)
+    hidden = {layer: hidden_state for layer in true_maps}
+    topk = {layer: (hidden_state @ w.T).topk(K).indices for layer, w in true_maps.items()}
+    # The gates the predictor starts from only loosely match how routing really happens.
+    gates = {layer: w + 1.5 * torch.randn(E, H, generator=g) for layer, w in true_maps.items()}
+    return hidden, topk, gates
+
+
+def test_transition_predictor_recovers_a_planted_transition(tmp_path):
+    manifest, tensors = write_trace(tmp_path, *shifted_routing(400))
+    predictor = TransitionPredictor.fit(manifest, tensors, max_depth=1)
+    assert predictor_recall(predictor, tensors, depth=1, num_predicted=K) == (1.0, 1.0)
+    assert predictor.target_layer(1, 1) is None
+
+
+def test_untrained_learned_predictor_is_the_gate_predictor():
+    _, _, gates = linear_routing(1)
+    hidden = torch.randn(5, H)
+    topk = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [0, 7]])
+    gate = GatePredictor(gates, max_depth=2)
+    for hidden_units, routed in ((0, False), (8, True)):
+        learned = LearnedPredictor(gates, 2, hidden_units=hidden_units, routed_features=routed)
+        for layer, depth in ((0, 1), (0, 2), (1, 1)):
+            expected = gate.scores(layer, depth, hidden, topk)
+            assert torch.allclose(learned.scores(layer, depth, hidden, topk), expected)
+
+
+def test_training_improves_recall_on_a_planted_linear_pattern(tmp_path):
+    hidden, topk, gates = linear_routing(3000)
+    _, train = write_trace(tmp_path / "train", hidden, topk)
+    held = {f"hidden.{layer}": h[-500:] for layer, h in hidden.items()}
+    held |= {f"topk_ids.{layer}": t[-500:] for layer, t in topk.items()}
+    train = {key: value[:-500] for key, value in train.items()}
+    predictor = LearnedPredictor(gates, max_depth=1)
+    before = predictor_recall(predictor, held, 1, K)[0]
+    predictor.fit(train, epochs=40, lr=3e-2, progress=False)
+    after = predictor_recall(predictor, held, 1, K)[0]
+    assert after > max(before + 0.1, 0.85), (before, after)
+
+
+def test_training_is_deterministic(tmp_path):
+    hidden, topk, gates = linear_routing(400)
+    _, tensors = write_trace(tmp_path, hidden, topk)
+    weights = []
+    for _ in range(2):
+        predictor = LearnedPredictor(gates, 1, hidden_units=4, routed_features=True)
+        predictor.fit(tensors, epochs=1, seed=3, progress=False)
+        weights.append(predictor.heads.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_save_load_round_trip_for_both_kinds(tmp_path):
+    hidden, topk, gates = linear_routing(300)
+    manifest, tensors = write_trace(tmp_path / "trace", hidden, topk)
+    learned = LearnedPredictor(
+        gates, 2, hidden_units=4, routed_features=True, origin={"config_hash": "hash-a"}
+    )
+    learned.fit(tensors, epochs=1, progress=False)
+    transition = TransitionPredictor.fit(manifest, tensors, max_depth=2)
+    probe_hidden, probe_topk = tensors["hidden.0"][:7].float(), tensors["topk_ids.0"][:7]
+    for predictor in (learned, transition):
+        path = str(tmp_path / f"{type(predictor).__name__}.safetensors")
+        save_predictor(predictor, path)
+        loaded = load_predictor(path, "hash-a")
+        assert type(loaded) is type(predictor)
+        assert loaded.layers == predictor.layers and loaded.max_depth == 2
+        for depth in (1, 2):
+            expected = predictor.scores(0, depth, probe_hidden, probe_topk)
+            assert torch.allclose(loaded.scores(0, depth, probe_hidden, probe_topk), expected)
+
+
+def test_load_refuses_a_predictor_of_another_model(tmp_path):
+    manifest, tensors = write_trace(tmp_path / "trace", *shifted_routing(100))
+    path = str(tmp_path / "p.safetensors")
+    save_predictor(TransitionPredictor.fit(manifest, tensors, 1), path)
+    with pytest.raises(PredictorMismatchError) as error:
+        load_predictor(path, "hash-b")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "hash-a" in message and "hash-b" in message and "train-predictor" in message

@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+from vllm_expertflow.core import replay as replay_module
+from vllm_expertflow.core.predictor import ExpertPredictor
+from vllm_expertflow.core.replay import most_routed_experts, replay
+
+LAYERS, E, K = [0, 1, 2, 3], 8, 2
+
+
+def trace(routing: list[torch.Tensor]) -> tuple[dict, dict]:
+    """A trace whose layer i routes by `routing[i]` ([N, K]); hidden row 0 is the token index."""
+    num_tokens = routing[0].shape[0]
+    manifest = {"layers": LAYERS, "num_experts": E, "top_k": K, "config_hash": "h"}
+    index = torch.arange(num_tokens, dtype=torch.float32).unsqueeze(1)
+    tensors = {"request_ids": torch.zeros(num_tokens, dtype=torch.int32)}
+    for layer, ids in zip(LAYERS, routing, strict=True):
+        tensors[f"topk_ids.{layer}"] = ids.to(torch.int16)
+        tensors[f"hidden.{layer}"] = index.expand(num_tokens, 4).clone()
+    return manifest, tensors
+
+
+def random_trace(num_tokens: int = 300, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    skew = torch.rand(E, generator=g) ** 2 + 0.05
+    return trace([torch.multinomial(skew.expand(num_tokens, E), K, generator=g) for _ in LAYERS])
+
+
+def looping_trace(num_tokens: int = 300):
+    """Each layer cycles through all its experts in turn: recency is the worst possible guide."""
+    step = torch.arange(num_tokens).unsqueeze(1) * K + torch.arange(K)
+    return trace([step % E for _ in LAYERS])
+
+
+class OraclePredictor(ExpertPredictor):
+    """Knows the trace: scores the experts each token will really route to."""
+
+    def __init__(self, tensors: dict) -> None:
+        super().__init__(LAYERS, max_depth=2)
+        self.tensors = tensors
+
+    def scores(self, layer, depth, hidden, topk_ids):
+        rows = hidden[:, 0].long()
+        target = self.tensors[f"topk_ids.{self.target_layer(layer, depth)}"][rows].long()
+        return torch.zeros(len(rows), E).scatter_(1, target, 1.0)
+
+
+def all_runs(manifest, tensors, num_slots):
+    oracle = OraclePredictor(tensors)
+    return [
+        replay(manifest, tensors, num_slots, "ondemand", "lru"),
+        replay(manifest, tensors, num_slots, "ondemand", "lfu"),
+        replay(
+            manifest,
+            tensors,
+            num_slots,
+            "static",
+            static_keys=most_routed_experts(manifest, tensors, num_slots),
+        ),
+        replay(manifest, tensors, num_slots, "prefetch", "predictive", oracle, prefetch_depth=2),
+        replay(manifest, tensors, num_slots, "prefetch", "lru", oracle, prefetch_depth=1),
+        replay(manifest, tensors, num_slots, "belady"),
+    ]
+
+
+@pytest.mark.parametrize("make_trace", [random_trace, looping_trace])
+@pytest.mark.parametrize("num_slots", [6, 12])
+def test_counts_add_up(make_trace, num_slots):
+    manifest, tensors = make_trace()
+    for result in all_runs(manifest, tensors, num_slots):
+        assert result.hits + result.demand_misses == result.lookups == 300 * len(LAYERS) * K
+        assert result.loads == result.demand_misses + result.prefetch_issued
+        assert result.prefetch_used + result.prefetch_wasted <= result.prefetch_issued
+        assert sum(c.lookups for c in result.per_layer.values()) == result.lookups
+        assert sum(c.demand_misses for c in result.per_layer.values()) == result.demand_misses
+
+
+@pytest.mark.parametrize("make_trace", [random_trace, looping_trace])
+@pytest.mark.parametrize("num_slots", [4, 8, 16])
+def test_belady_misses_no_more_than_lru_or_lfu(make_trace, num_slots):
+    manifest, tensors = make_trace()
+    belady = replay(manifest, tensors, num_slots, "belady").demand_misses
+    for policy in ("lru", "lfu"):
+        assert belady <= replay(manifest, tensors, num_slots, "ondemand", policy).demand_misses
+
+
+def test_looping_trace_defeats_lru_but_not_belady():
+    manifest, tensors = looping_trace()
+    lru = replay(manifest, tensors, 16, "ondemand", "lru")
+    belady = replay(manifest, tensors, 16, "belady")
+    assert lru.hits == 0 and belady.hits > lru.lookups / 3
+
+
+def test_oracle_prefetch_leaves_no_stall_after_the_first_layer():
+    manifest, tensors = random_trace()
+    for depth in (1, 2):
+        result = replay(
+            manifest, tensors, 8, "prefetch", "predictive", OraclePredictor(tensors), depth
+        )
+        assert all(result.per_layer[layer].demand_misses == 0 for layer in LAYERS[1:])
+        assert result.prefetch_used > 0 and result.demand_misses < result.lookups / len(LAYERS)
+
+
+def test_prefetch_never_evicts_the_running_layers_experts(monkeypatch):
+    running: list = []
+    original_access, original_prefetch = replay_module._Cache.access, replay_module._Cache.prefetch
+
+    def access(self, layer, experts):
+        running[:] = [(layer, e) for e in experts]
+        return original_access(self, layer, experts)
+
+    def prefetch(self, keys):
+        original_prefetch(self, keys)
+        assert all(self.table.lookup(key) is not None for key in running)
+
+    monkeypatch.setattr(replay_module._Cache, "access", access)
+    monkeypatch.setattr(replay_module._Cache, "prefetch", prefetch)
+    manifest, tensors = random_trace()
+    # Room for the running layer and barely one prefetch: every prefetch must evict.
+    result = replay(manifest, tensors, K + 1, "prefetch", "lru", OraclePredictor(tensors), 2)
+    assert result.prefetch_issued > 0
+
+
+def test_static_keeps_its_resident_set():
+    manifest, tensors = random_trace()
+    hot = most_routed_experts(manifest, tensors, 6)
+    static = replay(manifest, tensors, 6 + K, "static", static_keys=hot)
+    routed_to_hot = sum((tensors[f"topk_ids.{layer}"].long() == e).sum().item() for layer, e in hot)
+    assert static.hits >= routed_to_hot

@@ -92,3 +92,20 @@ def test_completions_over_http_match_stock(server, prompts, stock_run):
     choices = sorted(response.json()["choices"], key=lambda c: c["index"])
     assert [c["token_ids"] for c in choices] == stock_run.token_ids
     assert [c["text"] for c in choices] == stock_run.texts
+
+
+def test_metrics_report_the_expert_cache(server, prompts, stock_run):
+    body = {"model": str(DEMO_MODEL), "prompt": prompts[:2], "max_tokens": 8, "temperature": 0.0}
+    assert requests.post(f"{server}/v1/completions", json=body, timeout=300).status_code == 200
+    time.sleep(1.5)  # workers write a snapshot at most once a second
+    text = requests.get(f"{server}/metrics", timeout=30).text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("expertflow_")
+    }
+    assert values['expertflow_hits_total{layer="all"}'] > 0
+    assert values['expertflow_misses_total{layer="all"}'] > 0
+    assert values['expertflow_bytes_loaded_total{layer="all"}'] > 0
+    assert values["expertflow_slots"] == 48  # 0.25 of 6 layers x 32 experts
+    assert "vllm:num_requests_running" in text, "vLLM's own metrics are untouched"

@@ -212,7 +212,10 @@ def _moe_step(
 ) -> torch.Tensor:
     runner = get_forward_context().no_compile_layers[layer_name]
     experts = runner.routed_experts
-    return experts.quant_method.run_step(experts, x, topk_weights, topk_ids)
+    method = experts.quant_method
+    output = method.run_step(experts, x, topk_weights, topk_ids)
+    method.runtime.step_finished()
+    return output
 
 
 def _moe_step_fake(

@@ -13,9 +13,11 @@ def register() -> None:
     )
 
     from . import moe_backend_patch
+    from .metrics import setup_metrics_channel
 
     moe_backend_patch.apply()
     _route_logs_through_vllm()
+    setup_metrics_channel()
     name = UnquantizedFusedMoEMethod.__name__
     if name not in op_registry_oot:
         from .moe_method import ExpertFlowMoEMethod

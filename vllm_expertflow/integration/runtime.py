@@ -30,6 +30,7 @@ from vllm_expertflow.core.store import ExpertStore, RamStore
 from vllm_expertflow.core.tracer import RoutingTracer
 
 from .checkpoint import config_hash, load_gate_weights
+from .metrics import SnapshotWriter
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class OffloadRuntime:
         self.pool: ExpertPool | None = None
         self.prefetcher: Prefetcher | None = None
         self.tracer: RoutingTracer | None = None
-        atexit.register(self.log_stats)
+        self.metrics = SnapshotWriter()
+        atexit.register(self.shutdown)
 
     def register_layer(self, layer: int, num_experts: int, top_k: int, kernel_name: str) -> None:
         """Called while the model is built, before any weight is loaded."""
@@ -179,9 +181,20 @@ class OffloadRuntime:
     def all_stats(cls) -> list[dict]:
         return [runtime.stats.as_dict() for _, runtime in cls._by_config.values()]
 
-    def log_stats(self) -> None:
+    def snapshot(self) -> dict:
+        return {
+            "stats": self.stats.as_dict(),
+            "resident_slots": self.pool.table.num_resident if self.pool else 0,
+            "slots": self.pool.num_slots if self.pool else 0,
+        }
+
+    def step_finished(self) -> None:
+        self.metrics.maybe_write(self.snapshot)
+
+    def shutdown(self) -> None:
         if self.stats.layers:
             logger.info("expertflow stats: %s", self.stats.summary())
+            self.metrics.write(self.snapshot())
 
 
 def worker_stats(worker: object) -> list[dict]:

@@ -1,0 +1,452 @@
+"""ExpertFlow GPU check: kernel correctness, prefetch-copy bandwidth and a decode-step loop.
+
+    python tests/gpu/check.py [--trace DIR] [--steps N] [--batch T]
+    python tests/gpu/check.py --cpu-smoke      # correctness only, CPU, Triton interpreter
+
+Needs torch and Triton only (safetensors, if present, to read a routing trace). Sized to finish
+in under five minutes on one H100/H200. Exits non-zero on any mismatch or failed capture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# The interpreter must be chosen before Triton decorates the kernels.
+if "--cpu-smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = {
+    # name: (hidden, intermediate, experts, top_k)
+    "Mixtral-8x7B": (4096, 14336, 8, 2),
+    "Qwen3-30B-A3B": (2048, 768, 128, 8),
+}
+FRACTIONS = (1.0, 0.5, 0.25)
+
+
+def _import_project():
+    """The installed package, or the source tree when the repository was only copied here."""
+    if importlib.util.find_spec("vllm_expertflow") is None:
+        sys.path.insert(0, str(REPO))
+    if importlib.util.find_spec("vllm_expertflow.kernels") is None:
+        spec = importlib.util.spec_from_file_location(
+            "vllm_expertflow.kernels",
+            REPO / "kernels" / "__init__.py",
+            submodule_search_locations=[str(REPO / "kernels")],
+        )
+        sys.modules["vllm_expertflow.kernels"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["vllm_expertflow.kernels"])
+
+
+_import_project()
+from vllm_expertflow.kernels.fused_moe_uva import (  # noqa: E402
+    fused_moe_uva,
+    fused_moe_uva_reference,
+)
+from vllm_expertflow.kernels.prefetch_list import (  # noqa: E402
+    gather_prefetch_list,
+    gather_prefetch_list_reference,
+)
+from vllm_expertflow.kernels.remap import remap_topk, remap_topk_reference  # noqa: E402
+
+from vllm_expertflow.core.device_page_table import DevicePageTable  # noqa: E402
+from vllm_expertflow.core.page_table import PageTable  # noqa: E402
+from vllm_expertflow.core.policy import LRUPolicy  # noqa: E402
+
+
+class CheckFailed(AssertionError):
+    pass
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise CheckFailed(what)
+    print(f"  ok  {what}")
+
+
+# --- (i) correctness ---------------------------------------------------------------------------
+
+
+def check_device_page_table(device: torch.device, gen: torch.Generator) -> None:
+    table = DevicePageTable([1, 4, 7], 16, device)
+    mirror = torch.full((3, 16), -1, dtype=torch.int32)
+    storage = table.table.data_ptr()
+    for _ in range(64):
+        row = int(torch.randint(3, (1,), generator=gen))
+        expert = int(torch.randint(16, (1,), generator=gen))
+        slot = int(torch.randint(-1, 9, (1,), generator=gen))
+        if slot < 0:
+            table.clear([1, 4, 7][row], expert)
+        else:
+            table.set([1, 4, 7][row], expert, slot)
+        mirror[row, expert] = slot
+    _expect(torch.equal(table.to_host(), mirror), "DevicePageTable mirrors set/clear")
+    _expect(table.table.data_ptr() == storage, "DevicePageTable never reallocates")
+
+
+def check_remap(device: torch.device, gen: torch.Generator) -> None:
+    for tokens, top_k, dtype in ((1, 2, torch.int32), (37, 8, torch.int64), (300, 6, torch.int32)):
+        row = torch.randint(-1, 20, (64,), generator=gen, dtype=torch.int32)
+        ids = torch.randint(0, 64, (tokens, top_k), generator=gen).to(dtype)
+        slots, miss = remap_topk(ids.to(device), row.to(device), block=128)
+        ref_slots, ref_miss = remap_topk_reference(ids, row)
+        same = torch.equal(slots.cpu(), ref_slots) and torch.equal(miss.cpu(), ref_miss)
+        _expect(same, f"remap_topk T={tokens} k={top_k} {dtype}")
+
+
+def check_prefetch_list(device: torch.device, gen: torch.Generator) -> None:
+    for tokens, experts, top_k, budget in ((1, 8, 2, 3), (9, 60, 8, 5), (64, 128, 8, 40)):
+        # Distinct multiples of 1/1024 per token: exact sums, so ties resolve identically.
+        perms = [torch.randperm(experts, generator=gen) for _ in range(tokens)]
+        scores = (torch.stack(perms).float() + 1) / 1024
+        row = torch.randint(-1, 4, (experts,), generator=gen, dtype=torch.int32)
+        row[torch.rand(experts, generator=gen) < 0.5] = -1
+        out, count = gather_prefetch_list(scores.to(device), row.to(device), top_k, budget)
+        ref_out, ref_count = gather_prefetch_list_reference(scores, row, top_k, budget)
+        same = torch.equal(out.cpu(), ref_out) and torch.equal(count.cpu(), ref_count)
+        _expect(same, f"gather_prefetch_list T={tokens} E={experts} k={top_k} B={budget}")
+
+
+def _moe_case(shape, device, gen, pin: bool):
+    tokens, top_k, experts, slots, hidden, inter = shape
+
+    def weights(*dims: int, on_device: bool) -> torch.Tensor:
+        w = (torch.randn(*dims, generator=gen) / hidden**0.5).bfloat16()
+        return w.to(device) if on_device else (w.pin_memory() if pin else w)
+
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16().to(device)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    topk_weights = (torch.rand(tokens, top_k, generator=gen) + 0.1).to(device)
+    row = torch.full((experts,), -1, dtype=torch.int32)
+    resident = torch.randperm(experts, generator=gen)[: slots // 2 + 1]
+    row[resident] = torch.randperm(slots, generator=gen)[: len(resident)].int()
+    return (
+        x,
+        ids.int().to(device),
+        topk_weights,
+        row.to(device),
+        weights(slots, 2 * inter, hidden, on_device=True),
+        weights(slots, hidden, inter, on_device=True),
+        weights(experts, 2 * inter, hidden, on_device=False),
+        weights(experts, hidden, inter, on_device=False),
+    )
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    return torch.allclose(out.float().cpu(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def check_fused_moe(device: torch.device, gen: torch.Generator, shapes) -> None:
+    for shape in shapes:
+        args = _moe_case(shape, device, gen, pin=device.type == "cuda")
+        out = fused_moe_uva(*args)
+        _expect(_close(out, fused_moe_uva_reference(*args)), f"fused_moe_uva {shape}")
+
+
+def check_fused_moe_graph(device: torch.device, gen: torch.Generator) -> None:
+    """A captured step keeps reading the live device page table: one graph replays with
+    misses, then again after the residents were evicted and the misses loaded."""
+    args = list(_moe_case((8, 4, 16, 6, 256, 192), device, gen, pin=True))
+    w13_pool, w2_pool, w13_host, w2_host = args[4:]
+    table = DevicePageTable(1, len(args[3]), device)
+    table.table[0].copy_(args[3])
+    args[3] = table.row(0)
+    graph, out = _capture(lambda: fused_moe_uva(*args))
+    graph.replay()
+    _expect(_close(out, fused_moe_uva_reference(*args)), "fused_moe_uva replayed with misses")
+    before = table.to_host()[0]
+    for expert in (before >= 0).nonzero().flatten().tolist():
+        table.clear(0, expert)
+    missing = (before < 0).nonzero().flatten().tolist()[: w13_pool.shape[0]]
+    for slot, expert in enumerate(missing):
+        w13_pool[slot].copy_(w13_host[expert])
+        w2_pool[slot].copy_(w2_host[expert])
+        table.set(0, expert, slot)
+    graph.replay()
+    _expect(_close(out, fused_moe_uva_reference(*args)), "fused_moe_uva replayed after remap")
+
+
+def check_correctness(device: torch.device, gen: torch.Generator, moe_shapes) -> None:
+    print(f"(i) correctness on {device}")
+    check_device_page_table(device, gen)
+    check_remap(device, gen)
+    check_prefetch_list(device, gen)
+    check_fused_moe(device, gen, moe_shapes)
+    if device.type == "cuda":
+        check_fused_moe_graph(device, gen)
+
+
+# --- (ii) copy bandwidth -----------------------------------------------------------------------
+
+
+def _bandwidth(copy, nbytes: int, repeats: int = 3) -> float:
+    """Best GB/s of `copy()` over a few runs, timed by events on the current stream."""
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        copy()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return nbytes / best / 1e9
+
+
+def measure_bandwidth(layer: MoeLayer, count: int) -> tuple[float, float]:
+    """(per-expert copies on the side stream with an event each, one plain copy) in GB/s."""
+    nbytes = count * layer.expert_bytes
+    flat_host = layer.w13_host.view(-1)[: nbytes // 2]
+    flat_dev = layer.w13_pool.view(-1)[: nbytes // 2]
+
+    def per_expert() -> None:
+        layer.copy_stream.wait_stream(torch.cuda.current_stream())
+        events = [layer.load(expert, expert) for expert in range(count)]
+        for event in events:
+            torch.cuda.current_stream().wait_event(event)
+
+    def plain() -> None:
+        flat_dev.copy_(flat_host, non_blocking=True)
+
+    return _bandwidth(per_expert, nbytes), _bandwidth(plain, nbytes)
+
+
+# --- (iii) decode loop -------------------------------------------------------------------------
+
+
+class MoeLayer:
+    """One MoE layer: pinned host store, a pool with a slot per expert, a device page table."""
+
+    def __init__(self, model: str, batch: int, gen: torch.Generator) -> None:
+        hidden, inter, experts, top_k = MODELS[model]
+        self.model, self.experts, self.top_k = model, experts, top_k
+        self.w13_host = torch.empty(experts, 2 * inter, hidden, dtype=torch.bfloat16).pin_memory()
+        self.w2_host = torch.empty(experts, hidden, inter, dtype=torch.bfloat16).pin_memory()
+        self.w13_pool = torch.empty_like(self.w13_host, device="cuda")
+        self.w2_pool = torch.empty_like(self.w2_host, device="cuda")
+        for expert in range(experts):
+            # Drawn on the device: filling gigabytes with randn on the CPU is too slow.
+            self.w13_host[expert].copy_(torch.randn_like(self.w13_pool[0]) / hidden**0.5)
+            self.w2_host[expert].copy_(torch.randn_like(self.w2_pool[0]) / inter**0.5)
+        self.expert_bytes = (self.w13_host[0].numel() + self.w2_host[0].numel()) * 2
+        self.table = DevicePageTable(1, experts, "cuda")
+        self.copy_stream = torch.cuda.Stream()
+        self.x = torch.randn(batch, hidden, generator=gen).bfloat16().cuda()
+        self.topk_weights = torch.rand(batch, top_k, generator=gen).cuda() + 0.1
+        self.topk_ids = torch.zeros(batch, top_k, dtype=torch.int32, device="cuda")
+
+    def load(self, expert: int, slot: int) -> torch.cuda.Event:
+        """Copies an expert into a slot on the copy stream; marks it resident once it landed."""
+        with torch.cuda.stream(self.copy_stream):
+            self.w13_pool[slot].copy_(self.w13_host[expert], non_blocking=True)
+            self.w2_pool[slot].copy_(self.w2_host[expert], non_blocking=True)
+            self.table.set(0, expert, slot)
+            event = torch.cuda.Event()
+            event.record()
+        return event
+
+    def step(self) -> torch.Tensor:
+        row = self.table.row(0)
+        remap_topk(self.topk_ids, row)
+        return fused_moe_uva(
+            self.x,
+            self.topk_ids,
+            self.topk_weights,
+            row,
+            self.w13_pool,
+            self.w2_pool,
+            self.w13_host,
+            self.w2_host,
+        )
+
+
+class Cache:
+    """Host-side LRU over `capacity` slots, mirrored into the device page table.
+
+    After each step the experts it missed are loaded for the next one (temporal locality);
+    the step itself served them from host memory through UVA.
+    """
+
+    def __init__(self, layer: MoeLayer, capacity: int, warm: list[int]) -> None:
+        self.layer, self.capacity = layer, capacity
+        self.pages = PageTable(capacity, LRUPolicy())
+        torch.cuda.synchronize()
+        layer.table.table.fill_(-1)
+        for expert in warm[:capacity]:
+            slot, _ = self.pages.allocate((0, expert))
+            layer.load(expert, slot)
+        torch.cuda.synchronize()
+
+    def after_step(self, experts: list[int]) -> int:
+        """Books the step's accesses, schedules its misses; returns how many it missed."""
+        missed = [e for e in experts if self.pages.lookup((0, e)) is None]
+        for expert in experts:
+            if expert not in missed:
+                self.pages.touch(self.pages.lookup((0, expert)))
+        if not missed:
+            return 0
+        loads = []
+        for expert in missed[: self.capacity]:
+            slot, evicted = self.pages.allocate((0, expert))
+            if evicted is not None:
+                # On the compute stream: the next step sees the miss before the slot changes.
+                self.layer.table.clear(*evicted)
+            loads.append((expert, slot))
+        self.layer.copy_stream.wait_stream(torch.cuda.current_stream())
+        for expert, slot in loads:
+            self.layer.load(expert, slot)
+        return len(missed)
+
+
+def _capture(fn):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize()
+    return graph, out
+
+
+def run_loop(layer: MoeLayer, routing: torch.Tensor, fraction: float, graphed: bool):
+    """(ms per step, distinct experts missed per step) over the routing, 3 steps of warm-up."""
+    capacity = max(1, round(fraction * layer.experts))
+    popular = torch.bincount(routing.flatten().long(), minlength=layer.experts)
+    cache = Cache(layer, capacity, popular.argsort(descending=True).tolist())
+    step = _capture(layer.step)[0].replay if graphed else layer.step
+    misses, warmup = 0, 3
+    for index, ids in enumerate(routing):
+        if index == warmup:
+            torch.cuda.synchronize()
+            start, misses = time.perf_counter(), 0
+        layer.topk_ids.copy_(ids, non_blocking=True)
+        step()
+        misses += cache.after_step(ids.unique().tolist())
+    torch.cuda.synchronize()
+    steps = len(routing) - warmup
+    return (time.perf_counter() - start) * 1e3 / steps, misses / steps
+
+
+def synthetic_routing(experts: int, top_k: int, batch: int, steps: int, gen) -> torch.Tensor:
+    """Zipf-skewed expert popularity; each token keeps last step's experts 70% of the time."""
+    popularity = 1.0 / torch.arange(1, experts + 1).float() ** 1.1
+    popularity = popularity[torch.randperm(experts, generator=gen)]
+    current = torch.multinomial(popularity.expand(batch, -1), top_k, generator=gen)
+    routing = []
+    for _ in range(steps):
+        fresh = torch.multinomial(popularity.expand(batch, -1), top_k, generator=gen)
+        keep = torch.rand(batch, 1, generator=gen) < 0.7
+        current = torch.where(keep, current, fresh)
+        routing.append(current.int())
+    return torch.stack(routing)
+
+
+def trace_routing(directory: str, experts: int, top_k: int, batch: int, steps: int):
+    """The first MoE layer's recorded top-k ids, cut into steps of `batch` tokens; None when
+    the trace is of another shape of model or safetensors is missing."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        return None
+    manifest = json.loads((Path(directory) / "manifest.json").read_text())
+    if manifest["num_experts"] != experts or manifest["top_k"] != top_k:
+        return None
+    key = f"topk_ids.{manifest['layers'][0]}"
+    rows = []
+    for shard in manifest["shards"]:
+        with safe_open(str(Path(directory) / shard), framework="pt") as file:
+            rows.append(file.get_tensor(key).int())
+    ids = torch.cat(rows)[: batch * steps]
+    if len(ids) < batch * steps:
+        return None
+    return ids.view(steps, batch, top_k)
+
+
+def run_model(model: str, args, gen: torch.Generator) -> tuple[list[tuple], float]:
+    layer = MoeLayer(model, args.batch, gen)
+    experts, top_k = layer.experts, layer.top_k
+    # About a gigabyte of whole experts; the plain copy of as many bytes fits in w13 alone.
+    count = min(experts * 2 // 3, max(1, 10**9 // layer.expert_bytes))
+    per_expert_bw, plain_bw = measure_bandwidth(layer, count)
+    print(
+        f"(ii) {model}: per-expert copies {per_expert_bw:.1f} GB/s, one copy "
+        f"{plain_bw:.1f} GB/s, ratio {per_expert_bw / plain_bw:.2f} (target >= 0.9)"
+    )
+    steps = args.steps + 3
+    routing = args.trace and trace_routing(args.trace, experts, top_k, args.batch, steps)
+    source = "trace" if routing is not None else "synthetic"
+    if routing is None:
+        routing = synthetic_routing(experts, top_k, args.batch, steps, gen)
+    routing = routing.pin_memory()
+    rows = []
+    for graphed in (False, True):
+        resident_ms = None
+        for fraction in FRACTIONS:
+            ms, misses = run_loop(layer, routing, fraction, graphed)
+            resident_ms = resident_ms or ms
+            floor_ms = misses * layer.expert_bytes / plain_bw / 1e6
+            mode = "graph" if graphed else "eager"
+            rows.append((model, source, mode, fraction, ms, ms / resident_ms, misses, floor_ms))
+    del layer
+    torch.cuda.empty_cache()
+    return rows, per_expert_bw / plain_bw
+
+
+def print_table(rows: list[tuple]) -> None:
+    print(
+        f"\n{'model':<14} {'routing':<9} {'mode':<5} {'cache':>5} {'step ms':>8} "
+        f"{'x resident':>10} {'miss/step':>9} {'floor ms':>8} {'x floor':>7}"
+    )
+    for model, source, mode, fraction, ms, vs_resident, misses, floor_ms in rows:
+        vs_floor = f"{ms / floor_ms:7.2f}" if floor_ms else f"{'-':>7}"
+        print(
+            f"{model:<14} {source:<9} {mode:<5} {fraction:>5.2f} {ms:>8.2f} "
+            f"{vs_resident:>10.2f} {misses:>9.1f} {floor_ms:>8.2f} {vs_floor}"
+        )
+    print("floor: the missed experts' bytes at the plain-copy bandwidth")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="correctness only, on CPU")
+    parser.add_argument("--trace", help="routing trace directory (see core/tracer.py)")
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per run")
+    parser.add_argument("--batch", type=int, default=8, help="decode tokens per step (<= 64)")
+    args = parser.parse_args()
+    seed = torch.seed() % 2**31
+    print(f"seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
+    if args.cpu_smoke:
+        check_correctness(torch.device("cpu"), gen, [(3, 2, 8, 4, 64, 32), (2, 3, 6, 3, 48, 40)])
+        print("cpu smoke: all checks passed")
+        return 0
+    if not torch.cuda.is_available():
+        print("no CUDA device: run with --cpu-smoke for the CPU correctness checks")
+        return 2
+    moe_shapes = [(1, 2, 8, 4, 4096, 1024), (7, 8, 64, 20, 512, 200), (64, 8, 128, 40, 256, 96)]
+    check_correctness(torch.device("cuda"), gen, moe_shapes)
+    rows, ratios = [], []
+    for model in MODELS:
+        model_rows, ratio = run_model(model, args, gen)
+        rows += model_rows
+        ratios.append(ratio)
+    print_table(rows)
+    if min(ratios) < 0.9:
+        print(f"WARNING: per-expert copy bandwidth ratio {min(ratios):.2f} is below 0.9")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

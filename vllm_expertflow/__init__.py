@@ -11,16 +11,7 @@ def get_stats(llm: Any) -> dict:
     Returns `{"total": {...}, "layers": {layer: {...}}}` with hits, misses, lookups, hit_rate,
     bytes_loaded and load_seconds, gathered from the worker process.
     """
-    from vllm_expertflow.integration.runtime import worker_stats
-
-    per_worker = llm.collective_rpc(worker_stats)
-    models = [stats for worker in per_worker for stats in worker]
-    if len(models) != 1:
-        raise RuntimeError(
-            f"expertflow: expected one offloaded model in the engine, found {len(models)}; "
-            'was the LLM built with moe_backend="expertflow"?'
-        )
-    return models[0]
+    return llm.collective_rpc("expertflow_stats")[0]
 
 
 def reconfigure(llm: Any, options: dict) -> None:
@@ -29,6 +20,4 @@ def reconfigure(llm: Any, options: dict) -> None:
     Same keys as `additional_config["expertflow"]`; the store must stay the same. Statistics
     restart from zero. Meant for comparing cache sizes, policies and predictors in one engine.
     """
-    from vllm_expertflow.integration.runtime import reconfigure as reconfigure_worker
-
-    llm.collective_rpc(reconfigure_worker, args=(options,))
+    llm.collective_rpc("expertflow_reconfigure", args=(options,))

@@ -56,3 +56,27 @@ def test_random_workload_keeps_one_expert_per_slot():
         slots = [table.lookup(k) for k in keys]
         assert len(set(slots)) == len(slots) <= table.num_slots
         assert all(table.key_in(s) == k for k, s in zip(keys, slots, strict=True))
+
+
+def test_layer_share_stops_a_layer_cycle_from_thrashing():
+    """Three layers run in turn, each needing 2 experts, in a 4-slot pool.
+
+    Global LRU evicts exactly the layer needed next and never hits; with a share of 1 slot per
+    layer each layer keeps replacing its own experts, so the others' stay resident.
+    """
+
+    def hits(policy) -> int:
+        table, count = PageTable(4, policy), 0
+        for _ in range(20):
+            for layer in range(3):
+                for expert in (0, 1):
+                    slot = table.lookup((layer, expert))
+                    if slot is None:
+                        table.allocate((layer, expert))
+                    else:
+                        table.touch(slot)
+                        count += 1
+        return count
+
+    assert hits(LRUPolicy()) == 0
+    assert hits(LRUPolicy(layer_share=1)) > 0

@@ -14,7 +14,13 @@ def make_pool(num_slots: int, policy: str = "lru") -> ExpertPool:
     store = RamStore(NUM_EXPERTS, pin_memory=False)
     for layer in LAYERS:
         store.write_layer(layer, torch.randn(NUM_EXPERTS, 8, 4), torch.randn(NUM_EXPERTS, 4, 4))
-    return ExpertPool(store, num_slots, torch.device("cpu"), make_policy(policy), OffloadStats())
+    return ExpertPool(
+        store,
+        num_slots,
+        torch.device("cpu"),
+        make_policy(policy, num_slots, len(LAYERS)),
+        OffloadStats(),
+    )
 
 
 def one_hot_gates() -> dict[int, torch.Tensor]:

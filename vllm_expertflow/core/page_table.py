@@ -43,7 +43,7 @@ class PageTable:
         if self._free:
             slot = self._free.popleft()
         else:
-            slot = self._policy.choose_victim(lambda s: not self.is_pinned(s))
+            slot = self._policy.choose_victim(lambda s: not self.is_pinned(s), key)
             if slot is None:
                 raise PoolExhaustedError(f"all {self.num_slots} expert slots are pinned")
             evicted = self._key_of[slot]

@@ -23,48 +23,70 @@ class EvictionPolicy(ABC):
     def forget(self, slot: int) -> None: ...
 
     @abstractmethod
-    def choose_victim(self, is_evictable: Callable[[int], bool]) -> int | None: ...
+    def choose_victim(
+        self, is_evictable: Callable[[int], bool], incoming: ExpertKey
+    ) -> int | None: ...
 
 
-class LRUPolicy(EvictionPolicy):
-    def __init__(self) -> None:
-        self._order: OrderedDict[int, None] = OrderedDict()
+class _RecencyOrder(EvictionPolicy):
+    """Slots from least to most recently used, with the key each holds.
+
+    With a `layer_share`, a layer holding its share of slots replaces its own experts and a
+    layer below it takes from layers above theirs. Without it, a pool shared by layers that run
+    in a fixed cycle thrashes: the oldest expert is always the next layer's. Per-layer caches
+    (mixtral-offloading's) avoid that by construction; the share keeps one pool while doing the
+    same.
+    """
+
+    def __init__(self, layer_share: int | None = None) -> None:
+        self.layer_share = layer_share
+        self._order: OrderedDict[int, ExpertKey] = OrderedDict()
 
     def record_access(self, slot: int, key: ExpertKey) -> None:
-        self._order[slot] = None
+        self._order[slot] = key
         self._order.move_to_end(slot)
 
     def forget(self, slot: int) -> None:
         self._order.pop(slot, None)
 
-    def choose_victim(self, is_evictable: Callable[[int], bool]) -> int | None:
-        return next((slot for slot in self._order if is_evictable(slot)), None)
+    def candidates(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> list[int]:
+        """Evictable slots, oldest first, narrowed to what the layer share allows."""
+        evictable = [s for s in self._order if is_evictable(s)]
+        if self.layer_share is None:
+            return evictable
+        per_layer: dict[int, int] = {}
+        for layer, _ in self._order.values():
+            per_layer[layer] = per_layer.get(layer, 0) + 1
+        if per_layer.get(incoming[0], 0) >= self.layer_share:
+            allowed = [s for s in evictable if self._order[s][0] == incoming[0]]
+        else:
+            allowed = [s for s in evictable if per_layer[self._order[s][0]] > self.layer_share]
+        return allowed or evictable
 
 
-class LFUPolicy(EvictionPolicy):
+class LRUPolicy(_RecencyOrder):
+    def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
+        return next(iter(self.candidates(is_evictable, incoming)), None)
+
+
+class LFUPolicy(_RecencyOrder):
     """Evicts the expert used least often since the start; ties go to the least recent.
 
     Counts outlive eviction: an expert's popularity is a property of the model and the text,
     not of its current residency.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, layer_share: int | None = None) -> None:
+        super().__init__(layer_share)
         self._counts: dict[ExpertKey, int] = {}
-        self._recency = LRUPolicy()
-        self._key_of: dict[int, ExpertKey] = {}
 
     def record_access(self, slot: int, key: ExpertKey) -> None:
         self._counts[key] = self._counts.get(key, 0) + 1
-        self._key_of[slot] = key
-        self._recency.record_access(slot, key)
+        super().record_access(slot, key)
 
-    def forget(self, slot: int) -> None:
-        self._key_of.pop(slot, None)
-        self._recency.forget(slot)
-
-    def choose_victim(self, is_evictable: Callable[[int], bool]) -> int | None:
-        candidates = [s for s in self._recency._order if is_evictable(s)]
-        return min(candidates, key=lambda s: self._counts[self._key_of[s]], default=None)
+    def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
+        candidates = self.candidates(is_evictable, incoming)
+        return min(candidates, key=lambda s: self._counts[self._order[s]], default=None)
 
 
 class PredictivePolicy(EvictionPolicy):
@@ -74,9 +96,9 @@ class PredictivePolicy(EvictionPolicy):
     sooner); experts with no prediction score 0 and go first, least recently used first.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, layer_share: int | None = None) -> None:
+        # Predictions already say which layer needs what next: no share is imposed.
         self._recency = LRUPolicy()
-        self._key_of: dict[int, ExpertKey] = {}
         self._score: dict[ExpertKey, float] = {}
 
     def predict(self, key: ExpertKey, score: float) -> None:
@@ -87,16 +109,15 @@ class PredictivePolicy(EvictionPolicy):
         self._score = {k: v for k, v in self._score.items() if k[0] != layer}
 
     def record_access(self, slot: int, key: ExpertKey) -> None:
-        self._key_of[slot] = key
         self._recency.record_access(slot, key)
 
     def forget(self, slot: int) -> None:
-        self._key_of.pop(slot, None)
         self._recency.forget(slot)
 
-    def choose_victim(self, is_evictable: Callable[[int], bool]) -> int | None:
-        candidates = [s for s in self._recency._order if is_evictable(s)]
-        return min(candidates, key=lambda s: self._score.get(self._key_of[s], 0.0), default=None)
+    def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
+        order = self._recency._order
+        candidates = [s for s in order if is_evictable(s)]
+        return min(candidates, key=lambda s: self._score.get(order[s], 0.0), default=None)
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
@@ -106,7 +127,9 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
 }
 
 
-def make_policy(name: str) -> EvictionPolicy:
+def make_policy(name: str, num_slots: int, num_layers: int) -> EvictionPolicy:
+    """A policy for a pool of `num_slots` shared by `num_layers` MoE layers."""
+    layer_share = max(1, num_slots // num_layers)
     if name not in POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; valid: {', '.join(POLICIES)}")
-    return POLICIES[name]()
+    return POLICIES[name](layer_share)

@@ -102,7 +102,7 @@ class BeladyPolicy(EvictionPolicy):
     def forget(self, slot: int) -> None:
         self._next_use.pop(slot, None)
 
-    def choose_victim(self, is_evictable: Callable[[int], bool]) -> int | None:
+    def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
         candidates = [s for s in self._next_use if is_evictable(s)]
         return max(candidates, key=self._next_use.__getitem__, default=None)
 
@@ -256,7 +256,7 @@ def replay(
     if mode == "belady":
         eviction: EvictionPolicy = BeladyPolicy(_access_times(layers, routed))
     else:
-        eviction = make_policy(policy)
+        eviction = make_policy(policy, num_slots, len(layers))
     result = ReplayResult(name or mode, num_slots)
     cache = _Cache(PageTable(num_slots, eviction), result)
     if mode == "static":

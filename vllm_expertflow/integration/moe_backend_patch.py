@@ -7,7 +7,8 @@ How:    extend the field's `Literal` with our name, rebuild the two pydantic dat
         clear `engine.arg_utils._compute_kwargs`'s cache so the CLI choices are recomputed.
         `VllmConfig.__post_init__` is wrapped to validate `additional_config["expertflow"]`
         where the config is built, so bad options fail in the caller's process with one line
-        instead of deep inside an engine process.
+        instead of deep inside an engine process, and to install ExpertFlow's worker extension
+        (stats, reconfigure, tracing over `collective_rpc`) when no other one is configured.
         Runs from the plugin entry point, which vLLM loads in every process before it builds
         its CLI parser or any config.
 Remove: when vLLM accepts out-of-tree MoE backends by name (no upstream PR yet).
@@ -57,8 +58,12 @@ def _set_field_type(config_cls: type, field_type: object) -> None:
     rebuild_dataclass(config_cls, force=True)
 
 
+WORKER_EXTENSION = "vllm_expertflow.integration.worker_extension.ExpertFlowWorkerExtension"
+
+
 def _validate_options_on_config_creation() -> None:
     from vllm.config import VllmConfig
+    from vllm.logger import init_logger
 
     from vllm_expertflow.core.config import OffloadConfig
 
@@ -66,7 +71,16 @@ def _validate_options_on_config_creation() -> None:
 
     def post_init_with_expertflow_options(self: VllmConfig) -> None:
         original(self)
-        if self.kernel_config.moe_backend == BACKEND_NAME:
-            OffloadConfig.from_dict((self.additional_config or {}).get("expertflow"))
+        if self.kernel_config.moe_backend != BACKEND_NAME:
+            return
+        OffloadConfig.from_dict((self.additional_config or {}).get("expertflow"))
+        if not self.parallel_config.worker_extension_cls:
+            self.parallel_config.worker_extension_cls = WORKER_EXTENSION
+        elif self.parallel_config.worker_extension_cls != WORKER_EXTENSION:
+            init_logger(__name__).warning(
+                "expertflow: worker_extension_cls is set to %s, so vllm_expertflow.get_stats "
+                "and reconfigure are unavailable",
+                self.parallel_config.worker_extension_cls,
+            )
 
     VllmConfig.__post_init__ = post_init_with_expertflow_options

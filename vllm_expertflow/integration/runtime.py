@@ -119,7 +119,7 @@ class OffloadRuntime:
             self.store,
             num_slots,
             self.device,
-            make_policy(self.config.policy),
+            make_policy(self.config.policy, num_slots, num_layers),
             self.stats,
             link=link,
         )
@@ -178,8 +178,14 @@ class OffloadRuntime:
         }
 
     @classmethod
-    def all_stats(cls) -> list[dict]:
-        return [runtime.stats.as_dict() for _, runtime in cls._by_config.values()]
+    def only(cls) -> OffloadRuntime:
+        """The one offloaded model of this worker process."""
+        runtimes = [runtime for _, runtime in cls._by_config.values()]
+        if len(runtimes) != 1:
+            raise RuntimeError(
+                f"expertflow: expected one offloaded model in this worker, found {len(runtimes)}"
+            )
+        return runtimes[0]
 
     def snapshot(self) -> dict:
         return {
@@ -195,35 +201,3 @@ class OffloadRuntime:
         if self.stats.layers:
             logger.info("expertflow stats: %s", self.stats.summary())
             self.metrics.write(self.snapshot())
-
-
-def worker_stats(worker: object) -> list[dict]:
-    """`LLM.collective_rpc` target: the stats of every offloaded model in a worker process."""
-    return OffloadRuntime.all_stats()
-
-
-def _only_runtime() -> OffloadRuntime:
-    runtimes = [runtime for _, runtime in OffloadRuntime._by_config.values()]
-    if len(runtimes) != 1:
-        raise RuntimeError(f"expertflow: expected one offloaded model here, found {len(runtimes)}")
-    return runtimes[0]
-
-
-def reconfigure(worker: object, options: dict) -> None:
-    """`LLM.collective_rpc` target: see `OffloadRuntime.reconfigure`."""
-    _only_runtime().reconfigure(options)
-
-
-def start_tracing(
-    worker: object, directory: str, metadata: dict, max_tokens: int, sample_rate: float, seed: int
-) -> None:
-    """`LLM.collective_rpc` target: record routing from the next step on."""
-    _only_runtime().tracer = RoutingTracer(directory, metadata, max_tokens, sample_rate, seed)
-
-
-def stop_tracing(worker: object) -> dict:
-    """`LLM.collective_rpc` target: flush the trace and return its manifest."""
-    runtime = _only_runtime()
-    manifest = runtime.tracer.close()
-    runtime.tracer = None
-    return manifest

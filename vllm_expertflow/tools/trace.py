@@ -8,7 +8,6 @@ budget that holds the chunk), so a step's tokens are exactly one request's posit
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from pathlib import Path
@@ -30,16 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_metadata(model: Path) -> dict:
-    config = json.loads((model / "config.json").read_text())
-    num_layers = config["num_hidden_layers"]
-    sparse = [i for i in range(num_layers) if i not in config.get("mlp_only_layers", [])]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model))  # resolves renamed keys across versions
+    mlp_only = set(getattr(config, "mlp_only_layers", []) or [])
     return {
         "model": str(model.resolve()),
         "config_hash": config_hash(str(model)),
-        "layers": sparse,
-        "num_experts": config["num_experts"],
-        "top_k": config["num_experts_per_tok"],
-        "hidden_size": config["hidden_size"],
+        "layers": [i for i in range(config.num_hidden_layers) if i not in mlp_only],
+        "num_experts": config.num_experts,
+        "top_k": config.num_experts_per_tok,
+        "hidden_size": config.hidden_size,
     }
 
 
@@ -55,8 +55,6 @@ def text_chunks(model: Path, files: list[Path], chunk_tokens: int) -> list[list[
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_expertflow.integration.runtime import start_tracing, stop_tracing
-
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"trace: {args.out} is not empty; choose a new --out directory")
     chunks = text_chunks(args.model, args.text, args.chunk_tokens)
@@ -73,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         enable_prefix_caching=False,
     ) as llm:
         llm.collective_rpc(
-            start_tracing,
+            "expertflow_start_tracing",
             args=(
                 str(args.out),
                 model_metadata(args.model),
@@ -84,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         )
         prompts = [{"prompt_token_ids": chunk} for chunk in chunks]
         llm.generate(prompts, greedy_params(1), use_tqdm=True)
-        manifest = llm.collective_rpc(stop_tracing)[0]
+        manifest = llm.collective_rpc("expertflow_stop_tracing")[0]
     if manifest["num_steps"] != len(chunks):
         raise RuntimeError(
             f"trace: {manifest['num_steps']} engine steps for {len(chunks)} requests; "

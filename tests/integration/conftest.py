@@ -23,7 +23,10 @@ def stock_run(prompts) -> EngineRun:
 
 @pytest.fixture(scope="session")
 def demo_config() -> dict:
-    return json.loads((DEMO_MODEL / "config.json").read_text())
+    """The demo model's config with `num_experts` under that name whatever the file calls it."""
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    config.setdefault("num_experts", config.get("num_local_experts"))
+    return config
 
 
 @pytest.fixture(scope="session")

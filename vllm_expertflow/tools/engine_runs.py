@@ -41,15 +41,15 @@ def engine_kwargs(
     max_num_batched_tokens: int,
     **extra: Any,
 ) -> dict:
-    kwargs = dict(
-        **extra,
-        moe_backend=moe_backend,
-        max_model_len=512,
-        max_num_seqs=8,
-        max_num_batched_tokens=max_num_batched_tokens,
-        enforce_eager=enforce_eager,
-        seed=0,
-    )
+    kwargs = {
+        "max_model_len": 512,
+        "max_num_seqs": 8,
+        "seed": 0,
+        **extra,  # callers may override the defaults above
+        "moe_backend": moe_backend,
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "enforce_eager": enforce_eager,
+    }
     if options is not None:
         kwargs["additional_config"] = {"expertflow": options}
     return kwargs

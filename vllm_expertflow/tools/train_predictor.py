@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         train, held = split_by_request(tensors, args.holdout, args.seed)
     logger.info("training %s predictor on %d tokens", args.kind, len(train["request_ids"]))
     predictor = build_predictor(args, manifest, train)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_predictor(predictor, str(args.out))
     logger.info("wrote %s", args.out)
     for depth, recall in recall_by_depth(predictor, held, manifest["top_k"]).items():

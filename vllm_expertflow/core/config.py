@@ -30,6 +30,7 @@ class OffloadConfig:
     predictor: str = "none"
     prefetch_depth: int = 1
     link_gbps: float | None = None
+    static_experts: str | None = None
 
     def __post_init__(self) -> None:
         if self.cache_fraction is not None and self.cache_experts is not None:
@@ -77,6 +78,11 @@ class OffloadConfig:
             raise ExpertFlowConfigError(
                 f"expertflow: link_gbps={self.link_gbps!r} is invalid; use a positive number of "
                 "GB/s to emulate a slower link (benchmarks only), or leave it unset"
+            )
+        if (self.policy == "static") != (self.static_experts is not None):
+            raise ExpertFlowConfigError(
+                "expertflow: policy=static and static_experts go together; static_experts is a "
+                "JSON file of [layer, expert] pairs, hottest first (bench writes one)"
             )
         if not isinstance(self.store_dir, str) or not self.store_dir:
             raise ExpertFlowConfigError(

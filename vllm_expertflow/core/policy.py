@@ -124,12 +124,15 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     "lru": LRUPolicy,
     "lfu": LFUPolicy,
     "predictive": PredictivePolicy,
+    # A hot set pinned for good (kTransformers / llama.cpp placement); the rest of the pool
+    # is an LRU scratch area for misses.
+    "static": LRUPolicy,
 }
 
 
 def make_policy(name: str, num_slots: int, num_layers: int) -> EvictionPolicy:
     """A policy for a pool of `num_slots` shared by `num_layers` MoE layers."""
-    layer_share = max(1, num_slots // num_layers)
+    layer_share = None if name == "static" else max(1, num_slots // num_layers)
     if name not in POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; valid: {', '.join(POLICIES)}")
     return POLICIES[name](layer_share)

@@ -113,6 +113,12 @@ class ExpertPool:
         self.stats.record_prefetch(layer)
         return True
 
+    def pin_permanently(self, keys: list[ExpertKey]) -> None:
+        """Loads `keys` and keeps them resident for the pool's lifetime (a static hot set)."""
+        for layer, expert in keys:
+            slot = self._allocate((layer, expert))
+            self._load(layer, expert, slot, background=False).wait()
+
     def release(self, slots: list[int]) -> None:
         for slot in slots:
             self.table.unpin(slot)

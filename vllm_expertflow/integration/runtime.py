@@ -124,6 +124,8 @@ class OffloadRuntime:
             link=link,
         )
         self.prefetcher = self._make_prefetcher()
+        if self.config.static_experts is not None:
+            self.pool.pin_permanently(self._static_hot_set(num_slots))
         logger.info(
             "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %s store%s, "
             "policy %s, predictor %s)",
@@ -138,6 +140,13 @@ class OffloadRuntime:
             self.config.policy,
             self.config.predictor,
         )
+
+    def _static_hot_set(self, num_slots: int) -> list[tuple[int, int]]:
+        """The hottest experts that leave one token's worth of slots free for misses."""
+        with open(self.config.static_experts) as f:
+            keys = [tuple(pair) for pair in json.load(f)]
+        known = [k for k in keys if k[0] in self._layers and 0 <= k[1] < self.store.num_experts]
+        return known[: max(0, num_slots - self._top_k)]
 
     def _make_prefetcher(self) -> Prefetcher | None:
         name, model = self.config.predictor, self._model_config.model

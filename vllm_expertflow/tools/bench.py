@@ -1,5 +1,13 @@
-"""`vllm-expertflow bench`: decode and prefill speed of expertflow against vLLM's stock MoE
-backend, every configuration measured in one run on the same prompts.
+"""`vllm-expertflow bench`: every caching policy side by side, at several cache sizes, against
+vLLM's stock MoE backend (the ceiling) and Belady (the floor), all in one run.
+
+Online (the real engine, one per backend; `reconfigure` swaps pool size and policy):
+  stock          vLLM's own backend, every expert resident
+  lru-ondemand   misses loaded on demand, LRU (mixtral-offloading's policy)
+  static         a hot set of the most routed experts pinned, misses on demand
+  gate | transition | learned   predictive prefetch with that predictor + predictive eviction
+Offline (replayed from a trace recorded during the run, batch-1 decode):
+  every policy above and `belady`, the fewest loads any policy can make with the same slots.
 """
 
 from __future__ import annotations
@@ -22,74 +30,180 @@ from vllm_expertflow.tools.engine_runs import (
     open_engine,
 )
 
+ONLINE = ("lru-ondemand", "static", "gate", "transition", "learned")
+QUICK = {
+    "budgets": "0.25,1.0",
+    "policies": "stock,lru-ondemand,learned,belady",
+    "decode_tokens": 16,
+    "repeats": 1,
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
-    parser.add_argument("--budgets", default="0.25,0.5,1.0", help="cache fractions")
-    parser.add_argument("--stores", default="ram,disk")
+    parser.add_argument("--text", type=Path, nargs="*", help="held-out text for prompts")
+    parser.add_argument("--budgets", default="0.125,0.25,0.5,1.0", help="cache fractions")
+    parser.add_argument("--store", choices=("ram", "disk"), default="disk")
+    parser.add_argument("--store-dir", default=None)
+    parser.add_argument(
+        "--policies", default="stock,lru-ondemand,static,gate,transition,learned,belady"
+    )
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs")
-    parser.add_argument("--store-dir", default=None, help="disk store directory")
+    parser.add_argument("--prefetch-depth", type=int, default=2)
+    parser.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        help="emulate a slower store link (labelled 'emulated link')",
+    )
+    parser.add_argument(
+        "--learned",
+        type=Path,
+        default=None,
+        help="default: predictor_learned.safetensors in the model folder",
+    )
+    parser.add_argument(
+        "--transition",
+        type=Path,
+        default=None,
+        help="default: predictor_transition.safetensors in the model folder",
+    )
+    parser.add_argument(
+        "--static-experts",
+        type=Path,
+        default=None,
+        help="default: hot_experts.json in the model folder",
+    )
+    parser.add_argument("--quick", action="store_true", help=f"a <5 minute run: {QUICK}")
     parser.add_argument("--out", type=Path, required=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     budgets = [float(b) for b in args.budgets.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    prompts = held_out_prompts(args.model, count=max(batches))
-    configs = [("stock", None, None)] + [
-        ("expertflow", store, budget) for store in args.stores.split(",") for budget in budgets
-    ]
+    policies = args.policies.split(",")
+    prompts = bench_prompts(args, max(batches))
+    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for backend, store, budget in tqdm(configs, desc="engines", unit="engine"):
-        options = None
-        if backend == "expertflow":
-            options = {"cache_fraction": budget, "store": store}
-            if args.store_dir:
-                options["store_dir"] = args.store_dir
+    if "stock" in policies:
         with open_engine(
-            backend, options, args.model, enforce_eager=False, enable_prefix_caching=False
+            "auto", None, args.model, enforce_eager=False, enable_prefix_caching=False
         ) as llm:
             for batch in batches:
-                row = measure(llm, prompts[:batch], args.decode_tokens, args.repeats, options)
                 rows.append(
                     {
-                        "backend": backend,
-                        "store": store,
-                        "cache_fraction": budget,
+                        "policy": "stock",
+                        "cache_fraction": 1.0,
                         "batch": batch,
-                        **row,
+                        **measure(llm, prompts[:batch], args, with_stats=False),
                     }
                 )
+    online = [p for p in policies if p in ONLINE]
+    trace_dir = args.out / "trace"
+    if online:
+        rows += run_expertflow(args, prompts, budgets, batches, online, trace_dir)
     add_ratios(rows)
-    write_results(args, rows)
+    offline = offline_rows(args, budgets, policies, trace_dir) if trace_dir.exists() else []
+    write_results(args, rows, offline)
     return 0
 
 
-def measure(llm, prompts: list[str], decode_tokens: int, repeats: int, options) -> dict:
-    """Decode time is a full generation minus a prefill-only one of the same prompts."""
-    from vllm_expertflow import get_stats
+def bench_prompts(args: argparse.Namespace, count: int) -> list[str]:
+    if not args.text:
+        return held_out_prompts(args.model, count)
+    text = "\n\n".join(path.read_text() for path in args.text)
+    paragraphs = [p.strip()[:160] for p in text.split("\n\n") if len(p.strip()) >= 160]
+    return paragraphs[:count]
+
+
+def policy_options(args: argparse.Namespace, policy: str, budget: float) -> dict:
+    model = args.model
+    options: dict = {"cache_fraction": budget, "store": args.store}
+    if args.store_dir:
+        options["store_dir"] = args.store_dir
+    if args.link_gbps:
+        options["link_gbps"] = args.link_gbps
+    predictive = {"policy": "predictive", "prefetch_depth": args.prefetch_depth}
+    files = {
+        "learned": args.learned or model / "predictor_learned.safetensors",
+        "transition": args.transition or model / "predictor_transition.safetensors",
+    }
+    extra = {
+        "lru-ondemand": {"policy": "lru"},
+        "static": {
+            "policy": "static",
+            "static_experts": str(args.static_experts or model / "hot_experts.json"),
+        },
+        "gate": {**predictive, "predictor": "gate"},
+        "transition": {**predictive, "predictor": str(files["transition"])},
+        "learned": {**predictive, "predictor": str(files["learned"])},
+    }[policy]
+    return {**options, **extra}
+
+
+def run_expertflow(args, prompts, budgets, batches, online, trace_dir) -> list[dict]:
+    import vllm_expertflow
+    from vllm_expertflow.tools.trace import model_metadata
+
+    rows = []
+    configs = [(budget, policy) for budget in budgets for policy in online]
+    first = policy_options(args, "lru-ondemand", budgets[0])
+    with open_engine(
+        "expertflow", first, args.model, enforce_eager=False, enable_prefix_caching=False
+    ) as llm:
+        record_trace(llm, prompts, args, trace_dir, model_metadata(args.model))
+        for budget, policy in tqdm(configs, desc="expertflow configs", unit="config"):
+            vllm_expertflow.reconfigure(llm, policy_options(args, policy, budget))
+            for batch in batches:
+                rows.append(
+                    {
+                        "policy": policy,
+                        "cache_fraction": budget,
+                        "batch": batch,
+                        **measure(llm, prompts[:batch], args, with_stats=True),
+                    }
+                )
+    return rows
+
+
+def record_trace(llm, prompts, args, trace_dir: Path, metadata: dict) -> None:
+    """Batch-1 decode of every prompt, the workload the offline replays model."""
+    llm.collective_rpc("expertflow_start_tracing", args=(str(trace_dir), metadata, 10**9, 1.0, 0))
+    for prompt in prompts:
+        llm.generate([prompt], greedy_params(args.decode_tokens), use_tqdm=False)
+    llm.collective_rpc("expertflow_stop_tracing")
+
+
+def measure(llm, prompts: list[str], args, with_stats: bool) -> dict:
+    """Decode time = a full generation minus a prefill-only one of the same prompts."""
+    import vllm_expertflow
 
     llm.generate(prompts, greedy_params(4), use_tqdm=False)  # warm-up
-    before = get_stats(llm)["total"] if options else None
+    before = vllm_expertflow.get_stats(llm)["total"] if with_stats else None
     prefill, full = [], []
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         prefill.append(_timed(llm, prompts, 1))
-        full.append(_timed(llm, prompts, 1 + decode_tokens))
-    prompt_tokens = sum(len(p) for p in llm.get_tokenizer()(prompts)["input_ids"])
+        full.append(_timed(llm, prompts, 1 + args.decode_tokens))
+    prompt_tokens = sum(len(ids) for ids in llm.get_tokenizer()(prompts)["input_ids"])
     prefill_s, full_s = statistics.median(prefill), statistics.median(full)
     row = {
-        "decode_tokens_per_s": len(prompts) * decode_tokens / (full_s - prefill_s),
+        "decode_tokens_per_s": len(prompts) * args.decode_tokens / (full_s - prefill_s),
         "prefill_tokens_per_s": prompt_tokens / prefill_s,
     }
     if before is not None:
-        after = get_stats(llm)["total"]
-        delta = {
-            k: after[k] - before[k]
-            for k in ("hits", "misses", "lookups", "bytes_loaded", "load_seconds")
-        }
-        row.update(delta, hit_rate=delta["hits"] / max(delta["lookups"], 1))
+        after = vllm_expertflow.get_stats(llm)["total"]
+        delta = {k: after[k] - before[k] for k in after if k not in ("hit_rate",)}
+        prefetched = max(delta["prefetches_issued"], 1)
+        row.update(
+            delta,
+            hit_rate=delta["hits"] / max(delta["lookups"], 1),
+            prefetch_precision=delta["prefetches_used"] / prefetched,
+        )
     return row
 
 
@@ -100,86 +214,173 @@ def _timed(llm, prompts: list[str], max_tokens: int) -> float:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    stock = {r["batch"]: r for r in rows if r["backend"] == "stock"}
+    stock = {r["batch"]: r for r in rows if r["policy"] == "stock"}
     for row in rows:
-        base = stock[row["batch"]]
-        row["decode_ratio_vs_stock"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        row["prefill_ratio_vs_stock"] = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
+        if row["batch"] in stock:
+            base = stock[row["batch"]]
+            row["decode_ratio_vs_stock"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
 
 
-def write_results(args: argparse.Namespace, rows: list[dict]) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
+def offline_rows(args, budgets, policies, trace_dir: Path) -> list[dict]:
+    """Replays of the recorded trace: loads per policy against Belady, and predictor recall."""
+    from vllm_expertflow.core.predictor import GatePredictor, load_predictor, predictor_recall
+    from vllm_expertflow.core.replay import replay, slots_for_fraction
+    from vllm_expertflow.core.tracer import read_trace
+    from vllm_expertflow.integration.checkpoint import config_hash, load_gate_weights
+
+    manifest, tensors = read_trace(str(trace_dir))
+    gates = load_gate_weights(str(args.model))
+    predictors = {"gate": GatePredictor(gates, args.prefetch_depth)}
+    for name in ("transition", "learned"):
+        path = policy_options(args, name, 1.0)["predictor"]
+        predictors[name] = load_predictor(path, config_hash(str(args.model)))
+    hot = [
+        tuple(k)
+        for k in json.loads(Path(policy_options(args, "static", 1.0)["static_experts"]).read_text())
+    ]
+    specs = {
+        "lru-ondemand": {"mode": "ondemand", "policy": "lru"},
+        "static": {"mode": "static", "policy": "lru", "static_keys": hot},
+        "belady": {"mode": "belady"},
+    }
+    for name, predictor in predictors.items():
+        specs[name] = {
+            "mode": "prefetch",
+            "policy": "predictive",
+            "predictor": predictor,
+            "prefetch_depth": args.prefetch_depth,
+        }
+    wanted = [p for p in specs if p in policies or p == "belady"]
+    rows = []
+    for budget in tqdm(budgets, desc="offline replays", unit="budget"):
+        slots = slots_for_fraction(budget, len(manifest["layers"]), manifest["num_experts"])
+        results = {p: replay(manifest, tensors, slots, name=p, **specs[p]) for p in wanted}
+        floor = max(results["belady"].loads, 1)
+        for policy, result in results.items():
+            row = {
+                "policy": policy,
+                "cache_fraction": budget,
+                "slots": slots,
+                "lookups": result.lookups,
+                "loads": result.loads,
+                "stalls": result.demand_misses,
+                "loads_vs_belady": result.loads / floor,
+                "hit_rate": result.hit_rate,
+            }
+            if policy in predictors:
+                recall, precision = predictor_recall(
+                    predictors[policy], tensors, 1, manifest["top_k"]
+                )
+                row.update(
+                    next_layer_recall=recall,
+                    prefetch_precision=result.prefetch_used / max(result.prefetch_issued, 1),
+                )
+            rows.append(row)
+    return rows
+
+
+def write_results(args, rows: list[dict], offline: list[dict]) -> None:
     results = {
         "command": " ".join(["vllm-expertflow", *sys.argv[1:]]),
         "model": str(args.model),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "store": args.store,
+        "link": f"emulated link {args.link_gbps} GB/s" if args.link_gbps else "real store speed",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "units": {
             "decode_tokens_per_s": "tokens/s",
             "prefill_tokens_per_s": "tokens/s",
             "bytes_loaded": "bytes",
             "load_seconds": "s",
-            "hit_rate": "fraction",
+            "stall_seconds": "s",
+            "hit_rate": "fraction of lookups",
+            "loads": "expert copies",
+            "loads_vs_belady": "ratio",
+            "decode_ratio_vs_stock": "ratio",
         },
-        "rows": rows,
+        "online": rows,
+        "offline": offline,
     }
     _write_atomically(args.out / "results.json", json.dumps(results, indent=1))
-    _write_atomically(args.out / "results.md", markdown_table(rows))
-    plot(rows, args.out / "decode_ratio.png")
-    print(markdown_table(rows))
+    markdown = render_markdown(results)
+    _write_atomically(args.out / "results.md", markdown)
+    plot(rows, args.out / "bench.png", results["link"])
+    print(markdown)
 
 
-def markdown_table(rows: list[dict]) -> str:
+def render_markdown(results: dict) -> str:
     lines = [
-        "| backend | store | cache | batch | decode tok/s | vs stock | prefill tok/s | hit rate "
-        "| MiB read |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"Store: {results['store']}, {results['link']}. Command: `{results['command']}`",
+        "",
+        "| policy | cache | batch | decode tok/s | vs stock | prefill tok/s | hit rate | "
+        "misses | MiB read | stall s | prefetch precision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        hit = f"{r['hit_rate']:.3f}" if "hit_rate" in r else "-"
-        mib = f"{r['bytes_loaded'] / 2**20:.1f}" if "bytes_loaded" in r else "-"
+    for r in results["online"]:
+        mib = r.get("bytes_loaded", 0) / 2**20
         lines.append(
-            f"| {r['backend']} | {r['store'] or '-'} | {r['cache_fraction'] or '-'} | "
-            f"{r['batch']} | {r['decode_tokens_per_s']:.1f} | {r['decode_ratio_vs_stock']:.2f}x "
-            f"| {r['prefill_tokens_per_s']:.0f} | {hit} | {mib} |"
+            f"| {r['policy']} | {r['cache_fraction']} | {r['batch']} | "
+            f"{r['decode_tokens_per_s']:.1f} | {r.get('decode_ratio_vs_stock', 0):.2f}x | "
+            f"{r['prefill_tokens_per_s']:.0f} | {r.get('hit_rate', 1.0):.3f} | "
+            f"{r.get('misses', 0)} | {mib:.1f} | {r.get('stall_seconds', 0):.2f} | "
+            f"{r.get('prefetch_precision', float('nan')):.2f} |"
         )
+    if results["offline"]:
+        lines += [
+            "",
+            "Offline replay of the recorded batch-1 trace:",
+            "",
+            "| policy | cache | slots | loads | loads vs Belady | stalls | hit rate | "
+            "next-layer recall | prefetch precision |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["offline"]:
+            lines.append(
+                f"| {r['policy']} | {r['cache_fraction']} | {r['slots']} | {r['loads']} | "
+                f"{r['loads_vs_belady']:.2f} | {r['stalls']} | {r['hit_rate']:.3f} | "
+                f"{r.get('next_layer_recall', float('nan')):.3f} | "
+                f"{r.get('prefetch_precision', float('nan')):.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, link: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    series = sorted({(r["store"], r["batch"]) for r in rows if r["backend"] == "expertflow"})
-    for store, batch in series:
-        points = sorted(
-            (r["cache_fraction"], r["decode_ratio_vs_stock"], r["hit_rate"])
-            for r in rows
-            if r["store"] == store and r["batch"] == batch
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(2, len(batches), figsize=(5.5 * len(batches), 8), squeeze=False)
+    for col, batch in enumerate(batches):
+        for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "stock"):
+            points = sorted(
+                (r["cache_fraction"], r.get("hit_rate", 0), r.get("decode_ratio_vs_stock", 0))
+                for r in rows
+                if r["policy"] == policy and r["batch"] == batch
+            )
+            x = [p[0] for p in points]
+            axes[0][col].plot(x, [p[1] for p in points], marker="o", label=policy)
+            axes[1][col].plot(x, [p[2] for p in points], marker="o", label=policy)
+        axes[1][col].axhline(1.0, color="grey", linestyle="--", label="stock")
+        axes[0][col].set(
+            title=f"hit rate, batch {batch}", xlabel="share of experts resident", ylabel="hit rate"
         )
-        fractions = [p[0] for p in points]
-        left.plot(fractions, [p[1] for p in points], marker="o", label=f"{store}, batch {batch}")
-        right.plot(fractions, [p[2] for p in points], marker="o", label=f"{store}, batch {batch}")
-    left.axhline(1.0, color="grey", linestyle="--", label="stock (all resident)")
-    left.set(
-        xlabel="share of experts resident",
-        ylabel="decode tok/s / stock",
-        title="Decode speed vs stock",
-    )
-    right.set(xlabel="share of experts resident", ylabel="hit rate", title="Expert cache hit rate")
-    for ax in (left, right):
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        axes[1][col].set(
+            title=f"decode tok/s vs stock, batch {batch} ({link})",
+            xlabel="share of experts resident",
+            ylabel="ratio to stock",
+        )
+        for ax in (axes[0][col], axes[1][col]):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    tmp = path.with_name(f".{path.name}")
+    fig.savefig(tmp, dpi=100, format="png")
     os.replace(tmp, path)
     plt.close(fig)
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -9,7 +9,9 @@ trace's requests (split by request: tokens of one text are too alike to be split
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from vllm_expertflow.core.predictor import (
     predictor_recall,
     save_predictor,
 )
+from vllm_expertflow.core.replay import most_routed_experts
 from vllm_expertflow.core.tracer import read_trace
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--holdout", type=float, default=0.1, help="share of requests held out")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--hot-experts-out",
+        type=Path,
+        help="also write the trace's (layer, expert) pairs, most routed first, as JSON "
+        "(the static policy's hot set)",
+    )
 
 
 def split_by_request(
@@ -105,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
         train = tensors
     else:
         train, held = split_by_request(tensors, args.holdout, args.seed)
+    if args.hot_experts_out:
+        hot = most_routed_experts(manifest, train, count=len(manifest["layers"]) * 10**6)
+        tmp = args.hot_experts_out.with_name(f".{args.hot_experts_out.name}.tmp")
+        tmp.write_text(json.dumps([list(key) for key in hot]))
+        os.replace(tmp, args.hot_experts_out)
     logger.info("training %s predictor on %d tokens", args.kind, len(train["request_ids"]))
     predictor = build_predictor(args, manifest, train)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,13 @@ from vllm_expertflow.tools.engine_runs import (
 )
 
 ONLINE = ("lru-ondemand", "static", "gate", "transition", "learned")
+FULL = {
+    "budgets": "0.125,0.25,0.5,1.0",
+    "policies": "stock,lru-ondemand,static,gate,transition,learned,belady",
+    "decode_tokens": 32,
+    "repeats": 3,
+}
+# Explicit options still win over these.
 QUICK = {
     "budgets": "0.25,1.0",
     "policies": "stock,lru-ondemand,learned,belady",
@@ -42,15 +49,15 @@ QUICK = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
     parser.add_argument("--text", type=Path, nargs="*", help="held-out text for prompts")
-    parser.add_argument("--budgets", default="0.125,0.25,0.5,1.0", help="cache fractions")
+    parser.add_argument("--budgets", help=f"cache fractions (default {FULL['budgets']})")
     parser.add_argument("--store", choices=("ram", "disk"), default="disk")
     parser.add_argument("--store-dir", default=None)
     parser.add_argument(
         "--policies", default="stock,lru-ondemand,static,gate,transition,learned,belady"
     )
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="median of this many runs")
+    parser.add_argument("--decode-tokens", type=int)
+    parser.add_argument("--repeats", type=int, help="median of this many runs")
     parser.add_argument("--prefetch-depth", type=int, default=2)
     parser.add_argument(
         "--link-gbps",
@@ -81,8 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.quick:
-        for key, value in QUICK.items():
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
             setattr(args, key, value)
     budgets = [float(b) for b in args.budgets.split(",")]
     batches = [int(b) for b in args.batches.split(",")]

@@ -1,0 +1,65 @@
+"""`vllm-expertflow bench --quick` on tiny settings: the results hold together."""
+
+import json
+
+import pytest
+
+from vllm_expertflow.cli import main
+from vllm_expertflow.tools.engine_runs import DEMO_MODEL
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = [
+        "bench",
+        "--quick",
+        "--budgets",
+        "0.25",
+        "--batches",
+        "1",
+        "--decode-tokens",
+        "4",
+        "--policies",
+        "stock,lru-ondemand,learned,belady",
+        "--store",
+        "disk",
+        "--store-dir",
+        str(out / "store"),
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert (out / "bench.png").stat().st_size > 10_000
+    assert "| learned |" in (out / "results.md").read_text()
+    return json.loads((out / "results.json").read_text())
+
+
+def test_schema_names_every_unit(results):
+    for key in ("command", "model", "store", "link", "machine", "units", "online", "offline"):
+        assert key in results
+    assert str(DEMO_MODEL) == results["model"]
+    for row in results["online"]:
+        assert {"policy", "cache_fraction", "batch", "decode_tokens_per_s"} <= set(row)
+
+
+def test_online_counts_add_up_and_stock_is_the_unit(results):
+    online = {row["policy"]: row for row in results["online"]}
+    assert set(online) == {"stock", "lru-ondemand", "learned"}
+    assert online["stock"]["decode_ratio_vs_stock"] == 1.0
+    for policy in ("lru-ondemand", "learned"):
+        row = online[policy]
+        assert row["hits"] + row["misses"] == row["lookups"] > 0
+        assert 0.0 <= row["hit_rate"] <= 1.0
+    assert online["learned"]["prefetches_issued"] > 0
+
+
+def test_belady_is_the_floor(results):
+    offline = {row["policy"]: row for row in results["offline"]}
+    assert offline["belady"]["loads_vs_belady"] == 1.0
+    for policy, row in offline.items():
+        assert row["loads"] >= offline["belady"]["loads"], policy
+        assert row["lookups"] == offline["belady"]["lookups"]
+    assert 0.0 < offline["learned"]["next_layer_recall"] <= 1.0

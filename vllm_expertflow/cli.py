@@ -21,6 +21,14 @@ SUBCOMMANDS = {
         "vllm_expertflow.tools.eval_predictors",
         "compare expert predictors and cache policies on a held-out trace",
     ),
+    "serve-ray": (
+        "vllm_expertflow.tools.serve_ray",
+        "serve N ExpertFlow engine replicas behind one endpoint with Ray Serve",
+    ),
+    "load-test": (
+        "vllm_expertflow.tools.load_test",
+        "bounded concurrent load against an OpenAI-compatible server",
+    ),
 }
 
 

@@ -27,11 +27,12 @@ from collections import Counter
 
 import torch
 from fastapi import FastAPI, Request, Response
-from ray.exceptions import RayActorError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from .exposition import sum_metrics
 from .prediction import PromptExpertPredictor, prompt_text
 from .replica import EngineUnreachable, Forwarded
 from .routing import Demand, ExpertAffinity, ReplicaView, RoutingHistory, make_policy
@@ -73,7 +74,8 @@ class Ingress:
         self.predictor = PromptExpertPredictor(model) if routing == "expert-affinity" else None
         self.history = RoutingHistory()
         count = len(replicas)
-        self.healthy = [True] * count  # Serve only starts the ingress once every replica is up
+        # Serve may route to the ingress before the replicas are up: the probes decide.
+        self.healthy = [False] * count
         self.in_flight = [0] * count
         self.slots = [0] * count
         self.reported: list[frozenset | None] = [None] * count
@@ -110,7 +112,7 @@ class Ingress:
     def _view(self, index: int) -> ReplicaView:
         resident = self.reported[index]
         if resident is None:
-            resident = self.history.resident(index, self.slots[index])
+            resident = self.history.resident(index, self.slots[index] or None)
         return ReplicaView(index, self.in_flight[index], resident)
 
     def _pick(self, demand: Demand | None, exclude: set[int]) -> int:
@@ -203,32 +205,6 @@ class Ingress:
     async def passthrough(self, request: Request) -> Response:
         body = await request.body() if request.method == "POST" else None
         return await self.dispatch(request.method, request.url.path, body)
-
-
-def sum_metrics(texts: list[str]) -> str:
-    """One exposition with each sample summed over the replicas' expositions."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families: dict[str, tuple[str, str]] = {}
-    totals: dict[str, dict[tuple, float]] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text):
-            families.setdefault(family.name, (family.type, family.documentation))
-            samples = totals.setdefault(family.name, {})
-            for sample in family.samples:
-                if sample.name.endswith("_created"):
-                    continue  # a creation time, meaningless summed
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                samples[key] = samples.get(key, 0.0) + sample.value
-    lines = []
-    for name, (kind, documentation) in families.items():
-        lines += [f"# HELP {name} {documentation}", f"# TYPE {name} {kind}"]
-        for (sample_name, labels), value in totals[name].items():
-            label_text = ",".join(f'{k}="{v}"' for k, v in labels)
-            lines.append(
-                f"{sample_name}{{{label_text}}} {value}" if labels else f"{sample_name} {value}"
-            )
-    return "\n".join(lines) + "\n" if lines else ""
 
 
 def _error(status: int, message: str) -> Response:

@@ -104,7 +104,8 @@ class RoutingHistory:
         recent.append(demand)
         del recent[: -self.window]
 
-    def resident(self, replica: int, slots: int) -> frozenset[ExpertKey]:
+    def resident(self, replica: int, slots: int | None) -> frozenset[ExpertKey]:
+        """`slots` is None before the replica's first snapshot: then no cap."""
         totals: dict[ExpertKey, float] = {}
         for demand in self._recent.get(replica, []):
             for key, weight in demand.items():

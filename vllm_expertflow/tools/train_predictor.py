@@ -114,14 +114,15 @@ def run(args: argparse.Namespace) -> int:
         train = tensors
     else:
         train, held = split_by_request(tensors, args.holdout, args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.hot_experts_out:
+        args.hot_experts_out.parent.mkdir(parents=True, exist_ok=True)
         hot = most_routed_experts(manifest, train, count=len(manifest["layers"]) * 10**6)
         tmp = args.hot_experts_out.with_name(f".{args.hot_experts_out.name}.tmp")
         tmp.write_text(json.dumps([list(key) for key in hot]))
         os.replace(tmp, args.hot_experts_out)
     logger.info("training %s predictor on %d tokens", args.kind, len(train["request_ids"]))
     predictor = build_predictor(args, manifest, train)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_predictor(predictor, str(args.out))
     logger.info("wrote %s", args.out)
     for depth, recall in recall_by_depth(predictor, held, manifest["top_k"]).items():

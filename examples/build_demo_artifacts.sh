@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cli=.venv/bin/vllm-expertflow
 model=examples/models/expertflow-demo-moe
+predictors=examples/predictors/expertflow-demo-moe  # not in the model folder: vLLM would load them
 traces="${TRACES:-/tmp/ef-traces}"
 text="${TEXT:-/tmp/ef-text}"
 
@@ -34,6 +35,6 @@ rm -rf "$traces"
     "$text/second_heldout_shakespeare.txt" "$text/second_heldout_pydoc.txt"
 
 "$cli" train-predictor --traces "$traces/train" --eval-traces "$traces/eval" \
-    --out "$model/predictor_learned.safetensors" --hot-experts-out "$model/hot_experts.json"
+    --out "$predictors/learned.safetensors" --hot-experts-out "$predictors/hot_experts.json"
 "$cli" train-predictor --kind transition --traces "$traces/train" \
-    --eval-traces "$traces/eval" --out "$model/predictor_transition.safetensors"
+    --eval-traces "$traces/eval" --out "$predictors/transition.safetensors"

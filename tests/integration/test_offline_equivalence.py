@@ -7,12 +7,12 @@ import pytest
 from conftest import MAX_NUM_BATCHED_TOKENS
 
 import vllm_expertflow
-from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine
+from vllm_expertflow.tools.engine_runs import DEMO_PREDICTORS, greedy_params, open_engine
 
 pytestmark = pytest.mark.engine
 
-LEARNED = DEMO_MODEL / "predictor_learned.safetensors"
-TRANSITION = DEMO_MODEL / "predictor_transition.safetensors"
+LEARNED = DEMO_PREDICTORS / "learned.safetensors"
+TRANSITION = DEMO_PREDICTORS / "transition.safetensors"
 # (cache, extra options): cache is a fraction of all experts, or "min" for top-k slots.
 CONFIGS = [
     ("1.0", {}),

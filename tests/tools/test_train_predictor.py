@@ -19,7 +19,13 @@ def model_dir(tmp_path):
     """A checkpoint folder with just a config and the gates of three MoE layers."""
     directory = tmp_path / "model"
     directory.mkdir()
-    config = {"num_hidden_layers": 3, "num_experts": E, "num_experts_per_tok": K, "hidden_size": H}
+    config = {
+        "model_type": "qwen3_moe",
+        "num_hidden_layers": 3,
+        "num_experts": E,
+        "num_experts_per_tok": K,
+        "hidden_size": H,
+    }
     (directory / "config.json").write_text(json.dumps(config))
     g = torch.Generator().manual_seed(0)
     gates = {f"model.layers.{i}.mlp.gate.weight": torch.randn(E, H, generator=g) for i in LAYERS}

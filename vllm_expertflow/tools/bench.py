@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from vllm_expertflow.tools.engine_runs import (
     DEMO_MODEL,
+    DEMO_PREDICTORS,
     greedy_params,
     held_out_prompts,
     open_engine,
@@ -69,19 +70,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--learned",
         type=Path,
         default=None,
-        help="default: predictor_learned.safetensors in the model folder",
+        help=f"default: {DEMO_PREDICTORS}/learned.safetensors",
     )
     parser.add_argument(
         "--transition",
         type=Path,
         default=None,
-        help="default: predictor_transition.safetensors in the model folder",
+        help=f"default: {DEMO_PREDICTORS}/transition.safetensors",
     )
     parser.add_argument(
         "--static-experts",
         type=Path,
         default=None,
-        help="default: hot_experts.json in the model folder",
+        help=f"default: {DEMO_PREDICTORS}/hot_experts.json",
     )
     parser.add_argument("--quick", action="store_true", help=f"a <5 minute run: {QUICK}")
     parser.add_argument("--out", type=Path, required=True)
@@ -129,7 +130,6 @@ def bench_prompts(args: argparse.Namespace, count: int) -> list[str]:
 
 
 def policy_options(args: argparse.Namespace, policy: str, budget: float) -> dict:
-    model = args.model
     options: dict = {"cache_fraction": budget, "store": args.store}
     if args.store_dir:
         options["store_dir"] = args.store_dir
@@ -137,14 +137,14 @@ def policy_options(args: argparse.Namespace, policy: str, budget: float) -> dict
         options["link_gbps"] = args.link_gbps
     predictive = {"policy": "predictive", "prefetch_depth": args.prefetch_depth}
     files = {
-        "learned": args.learned or model / "predictor_learned.safetensors",
-        "transition": args.transition or model / "predictor_transition.safetensors",
+        "learned": args.learned or DEMO_PREDICTORS / "learned.safetensors",
+        "transition": args.transition or DEMO_PREDICTORS / "transition.safetensors",
     }
     extra = {
         "lru-ondemand": {"policy": "lru"},
         "static": {
             "policy": "static",
-            "static_experts": str(args.static_experts or model / "hot_experts.json"),
+            "static_experts": str(args.static_experts or DEMO_PREDICTORS / "hot_experts.json"),
         },
         "gate": {**predictive, "predictor": "gate"},
         "transition": {**predictive, "predictor": str(files["transition"])},

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEMO_MODEL = Path(__file__).resolve().parents[2] / "examples" / "models" / "expertflow-demo-moe"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+DEMO_MODEL = EXAMPLES / "models" / "expertflow-demo-moe"
+# Beside the model, not in it: vLLM loads every .safetensors file of a model folder.
+DEMO_PREDICTORS = EXAMPLES / "predictors" / "expertflow-demo-moe"
 HELD_OUT_FILES = ("heldout_shakespeare.txt", "heldout_pydoc.txt")
 
 

@@ -36,15 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-traces", type=Path, help="held-out trace (default: 10%% split)")
     parser.add_argument("--model", type=Path, help="gate weights (default: the trace's model)")
     parser.add_argument("--max-depth", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--hidden-units", type=int, default=0, help="0: linear heads")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--hidden-units", type=int, default=256, help="0: linear heads")
     parser.add_argument(
         "--routed-features",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="feed layer L's routed-expert multi-hot to the heads",
     )
-    parser.add_argument("--loss", choices=("softmax", "bce"), default="softmax")
+    parser.add_argument("--loss", choices=("softmax", "bce"), default="bce")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--holdout", type=float, default=0.1, help="share of requests held out")

@@ -4,15 +4,19 @@ The counters live in the worker processes; `/metrics` is served by the API serve
 vLLM only turns on Prometheus multiprocess mode with several API servers, and switching it on
 for its own metrics from a plugin would change how every vLLM metric is stored. So ExpertFlow
 keeps its own small multiprocess channel: each worker writes a JSON snapshot of its stats into
-a directory the first process (the API server, or the `LLM` caller) creates, and a collector
-registered there sums the snapshots at scrape time. The directory is removed by the process
-that created it, at exit.
+a directory the top process (the API server, or the `LLM` caller) owns, and a collector
+registered there sums the snapshots at scrape time. Engine and worker processes (started by
+multiprocessing) inherit the directory. A top process uses a directory a launcher chose for it
+(`VLLM_EXPERTFLOW_METRICS_DIR` without an owner), and otherwise creates its own, removed at exit:
+a directory inherited from an unrelated process that loaded the plugin would mix in its
+engines' snapshots.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -20,6 +24,7 @@ import time
 from collections.abc import Iterator
 
 METRICS_DIR_ENV = "VLLM_EXPERTFLOW_METRICS_DIR"
+METRICS_OWNER_ENV = "VLLM_EXPERTFLOW_METRICS_OWNER"
 SNAPSHOT_INTERVAL_SECONDS = 1.0
 COUNTERS = {
     "hits": "expert lookups that found the expert resident",
@@ -33,16 +38,25 @@ COUNTERS = {
 }
 
 
+_registered_in_this_process = False
+
+
 def setup_metrics_channel() -> None:
-    """In the first vLLM process: create the snapshot directory and register the collector."""
-    if os.environ.get(METRICS_DIR_ENV):
-        return  # a child process: the creator serves the metrics
-    directory = tempfile.mkdtemp(prefix="expertflow-metrics-")
-    os.environ[METRICS_DIR_ENV] = directory
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    """In a top process: own a snapshot directory and register the collector (once)."""
+    global _registered_in_this_process
+    if multiprocessing.parent_process() is not None or _registered_in_this_process:
+        return  # an engine or worker process: it writes into the inherited directory
+    directory = os.environ.get(METRICS_DIR_ENV)
+    owner = os.environ.get(METRICS_OWNER_ENV)
+    if directory is None or owner not in (None, str(os.getpid())):
+        directory = tempfile.mkdtemp(prefix="expertflow-metrics-")
+        os.environ[METRICS_DIR_ENV] = directory
+        os.environ[METRICS_OWNER_ENV] = str(os.getpid())
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
     from prometheus_client import REGISTRY
 
     REGISTRY.register(SnapshotCollector(directory))
+    _registered_in_this_process = True
 
 
 class SnapshotWriter:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from ..integration.metrics import METRICS_DIR_ENV, SnapshotCollector
+from ..integration.metrics import METRICS_DIR_ENV, METRICS_OWNER_ENV, SnapshotCollector
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,13 @@ class EngineReplica:
         self.index = index
         self.workdir = tempfile.mkdtemp(prefix=f"expertflow-replica{index}-")
         # Our own metrics directory: the engine's workers write their snapshots here and this
-        # replica reads them (the server sees the variable set and leaves collection to us).
+        # replica reads them (a directory chosen this way is used as given, not replaced).
         self.metrics_dir = os.path.join(self.workdir, "metrics")
         os.makedirs(self.metrics_dir)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != METRICS_OWNER_ENV},
             METRICS_DIR_ENV: self.metrics_dir,
             "VLLM_CPU_OMP_THREADS_BIND": omp_binding(index, omp_bind),
         }

@@ -56,3 +56,15 @@ def test_lru_order_across_steps():
         pool.release(pool.ensure_resident(0, experts))
     assert pool.table.lookup((0, 1)) is None
     assert pool.table.lookup((0, 0)) is not None and pool.table.lookup((0, 2)) is not None
+
+
+def test_a_static_hot_set_stays_and_leaves_the_rest_for_misses():
+    pool, weights = make_pool(4)
+    pool.pin_permanently([(0, 1), (1, 2)])
+    assert pool.step_capacity == 2
+    for experts in ([5, 6], [6, 7], [3, 4]):  # misses cycle through the two free slots
+        pool.release(pool.ensure_resident(2, experts))
+    slots = pool.ensure_resident(0, [1])
+    assert pool.stats.layer(0).hits == 1
+    assert torch.equal(pool.w13[slots[0]], weights[0][1])
+    pool.release(slots)

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.engine
 
 LEARNED = DEMO_PREDICTORS / "learned.safetensors"
 TRANSITION = DEMO_PREDICTORS / "transition.safetensors"
+HOT_SET = DEMO_PREDICTORS / "hot_experts.json"
 # (cache, extra options): cache is a fraction of all experts, or "min" for top-k slots.
 CONFIGS = [
     ("1.0", {}),
@@ -26,6 +27,8 @@ CONFIGS = [
     ("0.25", {"policy": "predictive", "predictor": str(LEARNED), "prefetch_depth": 2}),
     ("min", {"policy": "predictive", "predictor": str(LEARNED)}),
     ("0.25", {"policy": "lru", "predictor": str(TRANSITION)}),
+    ("0.25", {"policy": "static", "static_experts": str(HOT_SET)}),
+    ("min", {"policy": "static", "static_experts": str(HOT_SET)}),
 ]
 
 

@@ -69,11 +69,17 @@ class ExpertPool:
         self._io = None if self._copy_stream else ThreadPoolExecutor(io_threads, "expertflow-io")
         self._loading: dict[int, _CudaLoad | _ThreadLoad] = {}  # slot -> load still in flight
         self._unused_prefetches: set[int] = set()
+        self._num_permanent = 0
         self.mean_load_seconds: float | None = None  # per expert, a running mean
 
     @property
     def num_slots(self) -> int:
         return self.table.num_slots
+
+    @property
+    def step_capacity(self) -> int:
+        """Distinct experts one kernel call may use: slots not pinned for good."""
+        return self.num_slots - self._num_permanent
 
     def ensure_resident(self, layer: int, experts: list[int]) -> list[int]:
         """Pins `experts` of `layer` in slots, loading the misses; returns their slots in order.
@@ -81,7 +87,7 @@ class ExpertPool:
         Hits are pinned before any miss is placed so a load never evicts an expert this step
         needs. The caller must `release` the slots once its kernel has run.
         """
-        assert len(experts) <= self.num_slots, "more experts than slots: split the step"
+        assert len(experts) <= self.step_capacity, "more experts than free slots: split the step"
         self._reap_finished_loads()
         slots: list[int | None] = [self.table.lookup((layer, e)) for e in experts]
         for slot in slots:
@@ -118,6 +124,7 @@ class ExpertPool:
         for layer, expert in keys:
             slot = self._allocate((layer, expert))
             self._load(layer, expert, slot, background=False).wait()
+            self._num_permanent += 1
 
     def release(self, slots: list[int]) -> None:
         for slot in slots:

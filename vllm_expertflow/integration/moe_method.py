@@ -160,7 +160,8 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         runtime, pool = self.runtime, self.runtime.pool
         if runtime.tracer is not None:
             runtime.tracer.record(self.layer_index, x, topk_ids)
-        rounds = plan_rounds(topk_ids, pool.num_slots)
+        # Counting hot-set experts against the free slots too is conservative but always fits.
+        rounds = plan_rounds(topk_ids, pool.step_capacity)
         if len(rounds) == 1:
             slots = pool.ensure_resident(self.layer_index, rounds[0][1])
             # Queued after this layer's experts are pinned, so no prefetch can evict them.

@@ -80,3 +80,11 @@ def test_layer_share_stops_a_layer_cycle_from_thrashing():
 
     assert hits(LRUPolicy()) == 0
     assert hits(LRUPolicy(layer_share=1)) > 0
+
+
+def test_per_layer_counts_follow_allocations_and_evictions():
+    table = PageTable(3, LRUPolicy())
+    for key in ((0, 1), (0, 2), (1, 1), (1, 2)):  # the fourth evicts (0, 1)
+        table.allocate(key)
+    assert (table.num_resident_in(0), table.num_resident_in(1)) == (1, 2)
+    assert table.num_resident == 3

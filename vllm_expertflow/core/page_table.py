@@ -23,6 +23,7 @@ class PageTable:
         self._slot_of: dict[ExpertKey, int] = {}
         self._key_of: list[ExpertKey | None] = [None] * num_slots
         self._pins = [0] * num_slots
+        self._per_layer: dict[int, int] = {}
 
     def lookup(self, key: ExpertKey) -> int | None:
         return self._slot_of.get(key)
@@ -48,9 +49,11 @@ class PageTable:
                 raise PoolExhaustedError(f"all {self.num_slots} expert slots are pinned")
             evicted = self._key_of[slot]
             del self._slot_of[evicted]
+            self._per_layer[evicted[0]] -= 1
             self._policy.forget(slot)
         self._slot_of[key] = slot
         self._key_of[slot] = key
+        self._per_layer[key[0]] = self._per_layer.get(key[0], 0) + 1
         self._policy.record_access(slot, key)
         return slot, evicted
 
@@ -63,6 +66,9 @@ class PageTable:
     def unpin(self, slot: int) -> None:
         assert self._pins[slot] > 0, f"slot {slot} is not pinned"
         self._pins[slot] -= 1
+
+    def num_resident_in(self, layer: int) -> int:
+        return self._per_layer.get(layer, 0)
 
     @property
     def num_resident(self) -> int:

@@ -63,6 +63,8 @@ class Prefetcher:
             target = self.predictor.target_layer(layer, depth)
             if target is None:
                 break
+            if self.pool.table.num_resident_in(target) == self.pool.store.num_experts:
+                continue  # nothing to fetch: spare the predictor's cost
             scores = self.predictor.scores(layer, depth, hidden, topk_ids)
             for expert, votes in rank_for_batch(scores, self.top_k):
                 if self._predictive is not None:

@@ -31,10 +31,12 @@ class LinkBudget:
             self.layer_seconds = running_mean(self.layer_seconds, now - self._last_layer_start)
         self._last_layer_start = now
 
-    def experts_per_layer(self, load_seconds: float | None, floor: int) -> int:
+    def experts_per_layer(self, load_seconds: float | None, first_guess: int) -> int:
         if self.layer_seconds is None or not load_seconds:
-            return floor  # nothing measured yet: one token's worth
-        return max(floor, int(self.layer_seconds / load_seconds))
+            return first_guess  # nothing measured yet
+        # At least one: on a link slower than a layer's compute a prefetch cannot be hidden,
+        # but the one likeliest expert still beats a certain stall.
+        return max(1, int(self.layer_seconds / load_seconds))
 
 
 class Prefetcher:

@@ -150,8 +150,8 @@ class OffloadRuntime:
 
     def _make_prefetcher(self) -> Prefetcher | None:
         name, model = self.config.predictor, self._model_config.model
-        if name == "none":
-            return None
+        if name == "none" or self.pool.num_slots >= len(self._layers) * self.store.num_experts:
+            return None  # a pool that holds every expert never needs to guess
         if name == "gate":
             predictor = GatePredictor(load_gate_weights(model), self.config.prefetch_depth)
         else:

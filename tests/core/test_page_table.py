@@ -88,3 +88,21 @@ def test_per_layer_counts_follow_allocations_and_evictions():
         table.allocate(key)
     assert (table.num_resident_in(0), table.num_resident_in(1)) == (1, 2)
     assert table.num_resident == 3
+
+
+def test_a_wide_step_takes_back_from_the_layer_that_overflowed_not_the_next_one():
+    """Layer 0 needs more than its share while pinned; it may borrow, and later steps of other
+    layers reclaim from layer 0's surplus instead of from each other."""
+    table = PageTable(6, LRUPolicy(layer_share=2))
+    for key in ((1, 0), (1, 1), (2, 0), (2, 1)):
+        table.allocate(key)
+    wide = [table.allocate((0, e))[0] for e in range(2)]  # free slots
+    for slot in wide:
+        table.pin(slot)
+    _, evicted = table.allocate((0, 2))  # nothing own evictable: borrows (global LRU)
+    for slot in wide:
+        table.unpin(slot)
+    assert evicted == (1, 0)
+    _, evicted = table.allocate((1, 5))  # layer 1 under its share: reclaims from layer 0
+    assert evicted[0] == 0
+    assert table.lookup((2, 0)) is not None and table.lookup((2, 1)) is not None

@@ -57,11 +57,17 @@ class _RecencyOrder(EvictionPolicy):
         per_layer: dict[int, int] = {}
         for layer, _ in self._order.values():
             per_layer[layer] = per_layer.get(layer, 0) + 1
+        own = [s for s in evictable if self._order[s][0] == incoming[0]]
+        # Layers that grew past their share (a wide batch step) give slots back before a layer
+        # still within its share loses any: otherwise the overflow evicts the layer run next.
+        over = [
+            s
+            for s in evictable
+            if self._order[s][0] != incoming[0] and per_layer[self._order[s][0]] > self.layer_share
+        ]
         if per_layer.get(incoming[0], 0) >= self.layer_share:
-            allowed = [s for s in evictable if self._order[s][0] == incoming[0]]
-        else:
-            allowed = [s for s in evictable if per_layer[self._order[s][0]] > self.layer_share]
-        return allowed or evictable
+            return own or over or evictable
+        return over or evictable
 
 
 class LRUPolicy(_RecencyOrder):

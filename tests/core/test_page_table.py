@@ -90,19 +90,20 @@ def test_per_layer_counts_follow_allocations_and_evictions():
     assert table.num_resident == 3
 
 
-def test_a_wide_step_takes_back_from_the_layer_that_overflowed_not_the_next_one():
-    """Layer 0 needs more than its share while pinned; it may borrow, and later steps of other
-    layers reclaim from layer 0's surplus instead of from each other."""
+def test_a_wide_step_borrows_from_the_layer_that_ran_last_and_pays_it_back():
+    """Layers run 1, 2, 0, 1, 2, 0...; layer 0 needs more than its share while pinned. It
+    borrows from layer 2 (the layer that ran last, needed again furthest ahead), not layer 1
+    (needed next); then layer 2, below its share, takes back from layer 0's surplus."""
     table = PageTable(6, LRUPolicy(layer_share=2))
     for key in ((1, 0), (1, 1), (2, 0), (2, 1)):
         table.allocate(key)
     wide = [table.allocate((0, e))[0] for e in range(2)]  # free slots
     for slot in wide:
         table.pin(slot)
-    _, evicted = table.allocate((0, 2))  # nothing own evictable: borrows (global LRU)
+    _, evicted = table.allocate((0, 2))
     for slot in wide:
         table.unpin(slot)
-    assert evicted == (1, 0)
-    _, evicted = table.allocate((1, 5))  # layer 1 under its share: reclaims from layer 0
+    assert evicted == (2, 0)
+    _, evicted = table.allocate((2, 5))
     assert evicted[0] == 0
-    assert table.lookup((2, 0)) is not None and table.lookup((2, 1)) is not None
+    assert table.lookup((1, 0)) is not None and table.lookup((1, 1)) is not None

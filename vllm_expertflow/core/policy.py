@@ -65,9 +65,14 @@ class _RecencyOrder(EvictionPolicy):
             for s in evictable
             if self._order[s][0] != incoming[0] and per_layer[self._order[s][0]] > self.layer_share
         ]
+        # Failing both, borrow from the layer that ran last: in the fixed cycle of layers it is
+        # the one needed again furthest in the future.
+        others = [s for s in evictable if self._order[s][0] != incoming[0]]
+        last_layer = self._order[others[-1]][0] if others else None
+        last_ran = [s for s in others if self._order[s][0] == last_layer]
         if per_layer.get(incoming[0], 0) >= self.layer_share:
-            return own or over or evictable
-        return over or evictable
+            return own or over or last_ran or evictable
+        return over or last_ran or evictable
 
 
 class LRUPolicy(_RecencyOrder):

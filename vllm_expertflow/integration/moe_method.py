@@ -4,7 +4,7 @@ One MoE step (one layer's forward), router to kernel:
 
     [Router]   vLLM's own router -> topk_ids [T, k], topk_weights [T, k]       (unchanged)
         |
-    [Plan]     plan_rounds: group tokens so each round needs <= num_slots experts
+    [Plan]     plan_rounds: group tokens so each round fits the slots not pinned for good
         |
     [Pool]     ExpertPool.ensure_resident(layer, experts): page-table lookup, pin the hits,
         |      wait for any still in flight, load the misses (evicting unpinned experts)

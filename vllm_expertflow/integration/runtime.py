@@ -23,7 +23,7 @@ from vllm_expertflow.core.disk_store import DiskStore
 from vllm_expertflow.core.link import EmulatedLink
 from vllm_expertflow.core.policy import make_policy
 from vllm_expertflow.core.pool import ExpertPool
-from vllm_expertflow.core.predictor import GatePredictor
+from vllm_expertflow.core.predictor import GatePredictor, load_predictor
 from vllm_expertflow.core.prefetcher import Prefetcher
 from vllm_expertflow.core.stats import OffloadStats
 from vllm_expertflow.core.store import ExpertStore, RamStore
@@ -155,8 +155,6 @@ class OffloadRuntime:
         if name == "gate":
             predictor = GatePredictor(load_gate_weights(model), self.config.prefetch_depth)
         else:
-            from vllm_expertflow.core.predictor import load_predictor
-
             predictor = load_predictor(name, config_hash(model))
         return Prefetcher(self.pool, predictor, self.config.prefetch_depth, self._top_k)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ class EngineRun:
     token_ids: list[list[int]]
     texts: list[str]
     stats: dict | None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def held_out_prompts(model: Path = DEMO_MODEL, count: int = 8, chars: int = 160) -> list[str]:
@@ -106,12 +104,9 @@ def run_greedy(
     from vllm_expertflow import get_stats
 
     with open_engine(moe_backend, options, model, enforce_eager, max_num_batched_tokens) as llm:
-        start = time.perf_counter()
         outputs = llm.generate(prompts, greedy_params(max_tokens), use_tqdm=False)
-        elapsed = time.perf_counter() - start
         return EngineRun(
             token_ids=[list(o.outputs[0].token_ids) for o in outputs],
             texts=[o.outputs[0].text for o in outputs],
             stats=get_stats(llm) if moe_backend == "expertflow" else None,
-            timings={"generate_seconds": elapsed},
         )

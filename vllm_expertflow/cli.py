@@ -21,6 +21,14 @@ SUBCOMMANDS = {
         "vllm_expertflow.tools.eval_predictors",
         "compare expert predictors and cache policies on a held-out trace",
     ),
+    "quantize": (
+        "vllm_expertflow.tools.quantize",
+        "int4 GPTQ/AWQ experts with llm-compressor, in a checkpoint vLLM loads",
+    ),
+    "perplexity": (
+        "vllm_expertflow.tools.perplexity",
+        "perplexity of held-out text through the real engine, any MoE backend",
+    ),
     "serve-ray": (
         "vllm_expertflow.tools.serve_ray",
         "serve N ExpertFlow engine replicas behind one endpoint with Ray Serve",

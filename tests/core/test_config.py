@@ -18,7 +18,10 @@ def test_defaults_are_valid():
         ({"cache_experts": 2.5}, "cache_experts"),
         ({"store": "s3"}, "store"),
         ({"policy": "fifo"}, "policy"),
-        ({"cache_fraction": 0.5, "cache_experts": 8}, "not both"),
+        ({"cache_bytes": -1}, "cache_bytes"),
+        ({"cache_bytes": "1G"}, "cache_bytes"),
+        ({"cache_fraction": 0.5, "cache_experts": 8}, "not several"),
+        ({"cache_bytes": 2**20, "cache_experts": 8}, "not several"),
     ],
 )
 def test_bad_options_get_one_line_naming_the_problem(options, named):
@@ -33,14 +36,18 @@ def test_unknown_key_lists_valid_ones():
         OffloadConfig.from_dict({"bogus": 1})
 
 
-def test_num_slots_from_fraction_and_count():
-    assert OffloadConfig(cache_fraction=0.25).num_slots(6, 32, 4) == 48
-    assert OffloadConfig(cache_fraction=1.0).num_slots(6, 32, 4) == 192
-    assert OffloadConfig(cache_experts=10).num_slots(6, 32, 4) == 10
+def test_num_slots_from_fraction_count_and_bytes():
+    assert OffloadConfig(cache_fraction=0.25).num_slots(6, 32, 4, 1000) == 48
+    assert OffloadConfig(cache_fraction=1.0).num_slots(6, 32, 4, 1000) == 192
+    assert OffloadConfig(cache_experts=10).num_slots(6, 32, 4, 1000) == 10
+    assert OffloadConfig(cache_bytes=10_999).num_slots(6, 32, 4, 1000) == 10  # whole slots only
+    assert OffloadConfig(cache_bytes=10**9).num_slots(6, 32, 4, 1000) == 192
     # A fraction never rounds below one token's experts.
-    assert OffloadConfig(cache_fraction=0.001).num_slots(6, 32, 4) == 4
+    assert OffloadConfig(cache_fraction=0.001).num_slots(6, 32, 4, 1000) == 4
 
 
 def test_cache_smaller_than_top_k_is_refused():
     with pytest.raises(ExpertFlowConfigError, match="smaller than the model's top-k of 4"):
-        OffloadConfig(cache_experts=3).num_slots(6, 32, 4)
+        OffloadConfig(cache_experts=3).num_slots(6, 32, 4, 1000)
+    with pytest.raises(ExpertFlowConfigError, match="cache_bytes >= 4000"):
+        OffloadConfig(cache_bytes=3999).num_slots(6, 32, 4, 1000)

@@ -3,7 +3,7 @@ import torch
 from vllm_expertflow.core.policy import LRUPolicy
 from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.stats import OffloadStats
-from vllm_expertflow.core.store import RamStore
+from vllm_expertflow.core.store import ExpertCodec, RamStore, TensorSpec
 
 NUM_EXPERTS = 8
 
@@ -13,7 +13,7 @@ def make_pool(num_slots: int) -> tuple[ExpertPool, dict[int, torch.Tensor]]:
     weights = {}
     for layer in range(3):
         w13 = torch.randn(NUM_EXPERTS, 8, 4)
-        store.write_layer(layer, w13, torch.randn(NUM_EXPERTS, 4, 4))
+        store.write_layer(layer, {"w13": w13, "w2": torch.randn(NUM_EXPERTS, 4, 4)})
         weights[layer] = w13
     store.finish_writing()
     pool = ExpertPool(store, num_slots, torch.device("cpu"), LRUPolicy(), OffloadStats())
@@ -68,3 +68,34 @@ def test_a_static_hot_set_stays_and_leaves_the_rest_for_misses():
     assert pool.stats.layer(0).hits == 1
     assert torch.equal(pool.w13[slots[0]], weights[0][1])
     pool.release(slots)
+
+
+class ScaledInt8Codec(ExpertCodec):
+    """Stores experts as int8 codes with one scale each; slots hold float32."""
+
+    def slot_specs(self, layout):
+        parts = {p.name: p for p in layout.parts}
+        return (
+            TensorSpec("w13", parts["w13_codes"].shape, torch.float32),
+            TensorSpec("w2", parts["w2_codes"].shape, torch.float32),
+        )
+
+    def decode(self, record, w13_out, w2_out):
+        w13_out.copy_(record["w13_codes"].float() * record["scale"])
+        w2_out.copy_(record["w2_codes"].float() * record["scale"])
+
+
+def test_a_codec_decodes_compressed_records_into_slots_and_loads_count_stored_bytes():
+    store = RamStore(NUM_EXPERTS, pin_memory=False)
+    codes = torch.randint(-100, 100, (NUM_EXPERTS, 8, 4), dtype=torch.int8)
+    scale = torch.rand(NUM_EXPERTS, 1, 1) + 0.5
+    store.write_layer(0, {"w13_codes": codes, "w2_codes": codes[:, :4], "scale": scale})
+    store.finish_writing()
+    pool = ExpertPool(
+        store, 2, torch.device("cpu"), LRUPolicy(), OffloadStats(), codec=ScaledInt8Codec()
+    )
+    assert pool.w13.dtype == torch.float32 and pool.w13.shape == (2, 8, 4)
+    slots = pool.ensure_resident(0, [6])
+    assert torch.equal(pool.w13[slots[0]], codes[6].float() * scale[6])
+    assert torch.equal(pool.w2[slots[0]], codes[6, :4].float() * scale[6])
+    assert pool.stats.layer(0).bytes_loaded == 8 * 4 + 4 * 4 + 4  # the record, not the slot

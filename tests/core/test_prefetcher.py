@@ -13,7 +13,9 @@ NUM_EXPERTS, HIDDEN, LAYERS = 8, 16, (0, 1, 2)
 def make_pool(num_slots: int, policy: str = "lru") -> ExpertPool:
     store = RamStore(NUM_EXPERTS, pin_memory=False)
     for layer in LAYERS:
-        store.write_layer(layer, torch.randn(NUM_EXPERTS, 8, 4), torch.randn(NUM_EXPERTS, 4, 4))
+        store.write_layer(
+            layer, {"w13": torch.randn(NUM_EXPERTS, 8, 4), "w2": torch.randn(NUM_EXPERTS, 4, 4)}
+        )
     return ExpertPool(
         store,
         num_slots,

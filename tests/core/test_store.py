@@ -11,27 +11,33 @@ NUM_EXPERTS = 5
 FINGERPRINT = {"model": "tiny", "dtype": "bfloat16"}
 
 
-def random_layer(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_layer(seed: int) -> dict[str, torch.Tensor]:
+    """A quantized-looking record: parts of different dtypes and shapes, as int4 stores have."""
     generator = torch.Generator().manual_seed(seed)
-    w13 = torch.randn(NUM_EXPERTS, 64, 32, generator=generator).to(torch.bfloat16)
-    w2 = torch.randn(NUM_EXPERTS, 32, 32, generator=generator).to(torch.bfloat16)
-    return w13, w2
+    return {
+        "w13_packed": torch.randint(
+            -(2**31), 2**31 - 1, (NUM_EXPERTS, 64, 4), dtype=torch.int32, generator=generator
+        ),
+        "w13_scale": torch.randn(NUM_EXPERTS, 64, 1, generator=generator).to(torch.bfloat16),
+        "w2": torch.randn(NUM_EXPERTS, 32, 32, generator=generator).to(torch.bfloat16),
+    }
 
 
 def write_store(store, layers=(0, 1)):
     for layer in layers:
-        store.write_layer(layer, *random_layer(layer))
+        store.write_layer(layer, random_layer(layer))
     store.finish_writing()
 
 
 def assert_round_trip_bit_exact(store, layers=(0, 1)):
     for layer in layers:
-        w13, w2 = random_layer(layer)
+        expected = random_layer(layer)
         for expert in range(NUM_EXPERTS):
-            w13_out, w2_out = torch.zeros_like(w13[0]), torch.zeros_like(w2[0])
-            store.read_expert(layer, expert, w13_out, w2_out)
-            assert torch.equal(w13_out.view(torch.int16), w13[expert].view(torch.int16))
-            assert torch.equal(w2_out.view(torch.int16), w2[expert].view(torch.int16))
+            record = store.read_expert(layer, expert)
+            assert list(record) == list(expected)
+            for name, tensor in expected.items():
+                assert record[name].dtype == tensor.dtype
+                assert torch.equal(record[name].view(torch.uint8), tensor[expert].view(torch.uint8))
 
 
 def test_ram_store_round_trip_is_bit_exact():
@@ -72,7 +78,7 @@ def test_corrupt_layer_file_is_detected_and_rebuilt(tmp_path):
     store = DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
     assert store.has_layer(0)
     assert not store.has_layer(1)
-    store.write_layer(1, *random_layer(1))
+    store.write_layer(1, random_layer(1))
     store.finish_writing()
     assert_round_trip_bit_exact(store)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
@@ -81,14 +87,15 @@ def test_corrupt_layer_file_is_detected_and_rebuilt(tmp_path):
 
 def test_unfinished_write_leaves_no_usable_store(tmp_path):
     store = DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
-    store.write_layer(0, *random_layer(0))  # the process dies before finish_writing
+    store.write_layer(0, random_layer(0))  # the process dies before finish_writing
     assert not os.path.exists(tmp_path / MANIFEST)
     assert not DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS).has_layer(0)
 
 
 def test_mismatched_layout_is_refused():
     store = RamStore(NUM_EXPERTS, pin_memory=False)
-    store.write_layer(0, *random_layer(0))
-    w13, w2 = random_layer(1)
+    store.write_layer(0, random_layer(0))
+    other = random_layer(1)
+    other["w2"] = other["w2"][:, :16]
     with pytest.raises(ValueError, match="expert layout"):
-        store.write_layer(1, w13[:, :32], w2)
+        store.write_layer(1, other)

@@ -24,6 +24,7 @@ class ExpertFlowConfigError(ValueError):
 class OffloadConfig:
     cache_fraction: float | None = None
     cache_experts: int | None = None
+    cache_bytes: int | None = None
     store: str = "ram"
     store_dir: str = DEFAULT_STORE_DIR
     policy: str = "lru"
@@ -33,9 +34,10 @@ class OffloadConfig:
     static_experts: str | None = None
 
     def __post_init__(self) -> None:
-        if self.cache_fraction is not None and self.cache_experts is not None:
+        sizes = [self.cache_fraction, self.cache_experts, self.cache_bytes]
+        if sum(size is not None for size in sizes) > 1:
             raise ExpertFlowConfigError(
-                "expertflow: give cache_fraction or cache_experts, not both"
+                "expertflow: give one of cache_fraction, cache_experts or cache_bytes, not several"
             )
         if self.cache_fraction is not None and not (
             isinstance(self.cache_fraction, int | float)
@@ -54,6 +56,15 @@ class OffloadConfig:
             raise ExpertFlowConfigError(
                 f"expertflow: cache_experts={self.cache_experts!r} is invalid; "
                 "use a positive integer number of expert slots"
+            )
+        if self.cache_bytes is not None and not (
+            isinstance(self.cache_bytes, int)
+            and not isinstance(self.cache_bytes, bool)
+            and self.cache_bytes > 0
+        ):
+            raise ExpertFlowConfigError(
+                f"expertflow: cache_bytes={self.cache_bytes!r} is invalid; "
+                "use a positive integer number of bytes for the expert pool"
             )
         _check_choice("store", self.store, STORES)
         _check_choice("policy", self.policy, tuple(POLICIES))
@@ -101,11 +112,13 @@ class OffloadConfig:
             )
         return cls(**options)
 
-    def num_slots(self, num_layers: int, num_experts: int, top_k: int) -> int:
+    def num_slots(self, num_layers: int, num_experts: int, top_k: int, slot_bytes: int) -> int:
         """Slots in the shared pool; refuses a pool that cannot hold one token's experts."""
         total = num_layers * num_experts
         if self.cache_experts is not None:
             slots = self.cache_experts
+        elif self.cache_bytes is not None:
+            slots = self.cache_bytes // slot_bytes
         else:
             fraction = (
                 DEFAULT_CACHE_FRACTION if self.cache_fraction is None else self.cache_fraction
@@ -114,7 +127,8 @@ class OffloadConfig:
         if slots < top_k:
             raise ExpertFlowConfigError(
                 f"expertflow: a cache of {slots} expert slots is smaller than the model's "
-                f"top-k of {top_k}; use cache_experts >= {top_k}"
+                f"top-k of {top_k}; use cache_experts >= {top_k} "
+                f"(or cache_bytes >= {top_k * slot_bytes})"
             )
         return min(slots, total)
 

@@ -23,7 +23,7 @@ from .store import ExpertLayout, ExpertStore
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the layout names each tensor of a record
 MANIFEST = "manifest.json"
 ALIGNMENT = 4096  # O_DIRECT wants offsets, sizes and buffers aligned to the block size
 _HASH_CHUNK = 1 << 22
@@ -74,10 +74,7 @@ class DiskStore(ExpertStore):
                 self.directory,
             )
             return
-        layout = manifest["layout"]
-        self.layout = ExpertLayout(
-            tuple(layout["w13_shape"]), tuple(layout["w2_shape"]), getattr(torch, layout["dtype"])
-        )
+        self.layout = ExpertLayout.from_json(manifest["layout"])
         self._layer_digests = manifest["layers"]
 
     def has_layer(self, layer: int) -> bool:
@@ -98,7 +95,7 @@ class DiskStore(ExpertStore):
         self._open_for_reading(layer)
         return True
 
-    def _write_layer(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def _write_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
         digest = hashlib.blake2b()
         tmp = self._path(f"{self._layer_file(layer)}.{os.getpid()}.tmp")
         padding = bytes(self.record_stride - self.layout.nbytes)
@@ -107,7 +104,7 @@ class DiskStore(ExpertStore):
                 record = (
                     b"".join(
                         part.contiguous().view(torch.uint8).numpy().tobytes()
-                        for part in (w13[expert], w2[expert])
+                        for part in (t[expert] for t in tensors.values())
                     )
                     + padding
                 )
@@ -152,9 +149,7 @@ class DiskStore(ExpertStore):
         _drop_cached_pages(fd)
         self._fds[layer] = fd
 
-    def read_expert(
-        self, layer: int, expert: int, w13_out: torch.Tensor, w2_out: torch.Tensor
-    ) -> None:
+    def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         buffer = getattr(self._buffers, "buffer", None)
         if buffer is None:
             buffer = self._buffers.buffer = mmap.mmap(-1, self.record_stride)  # page-aligned
@@ -165,9 +160,7 @@ class DiskStore(ExpertStore):
             raise OSError(f"short read of expert {expert} in layer {layer}: {read} bytes")
         if self.bypass == "fadvise":
             os.posix_fadvise(fd, offset, self.record_stride, os.POSIX_FADV_DONTNEED)
-        w13, w2 = self.layout.split(torch.frombuffer(buffer, dtype=torch.uint8))
-        w13_out.copy_(w13)
-        w2_out.copy_(w2)
+        return self.layout.split(torch.frombuffer(buffer, dtype=torch.uint8))
 
     def close(self) -> None:
         for fd in self._fds.values():

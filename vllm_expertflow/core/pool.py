@@ -17,7 +17,7 @@ from .link import EmulatedLink
 from .page_table import PageTable, PoolExhaustedError
 from .policy import EvictionPolicy, ExpertKey
 from .stats import OffloadStats, running_mean
-from .store import ExpertStore
+from .store import ExpertCodec, ExpertStore
 
 
 class _CudaLoad:
@@ -55,16 +55,18 @@ class ExpertPool:
         stats: OffloadStats,
         io_threads: int = 1,
         link: EmulatedLink | None = None,
+        codec: ExpertCodec | None = None,
     ) -> None:
-        layout = store.layout
-        assert layout is not None, "the pool is built after the store is written"
+        assert store.layout is not None, "the pool is built after the store is written"
         self.store = store
+        self.codec = codec or ExpertCodec()
         self.link = link
         self.stats = stats
         self.policy = policy
         self.table = PageTable(num_slots, policy)
-        self.w13 = torch.empty((num_slots, *layout.w13_shape), dtype=layout.dtype, device=device)
-        self.w2 = torch.empty((num_slots, *layout.w2_shape), dtype=layout.dtype, device=device)
+        w13, w2 = self.codec.slot_specs(store.layout)
+        self.w13 = torch.empty((num_slots, *w13.shape), dtype=w13.dtype, device=device)
+        self.w2 = torch.empty((num_slots, *w2.shape), dtype=w2.dtype, device=device)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._io = None if self._copy_stream else ThreadPoolExecutor(io_threads, "expertflow-io")
         self._loading: dict[int, _CudaLoad | _ThreadLoad] = {}  # slot -> load still in flight
@@ -196,7 +198,7 @@ class ExpertPool:
 
     def _copy_in(self, layer: int, expert: int, slot: int) -> None:
         start = time.perf_counter()
-        self.store.read_expert(layer, expert, self.w13[slot], self.w2[slot])
+        self.codec.decode(self.store.read_expert(layer, expert), self.w13[slot], self.w2[slot])
         if self.link is not None:
             self.link.transfer(self.store.layout.nbytes)
         seconds = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """Backing stores: where every expert's weights live while the pool holds only some of them.
 
-An expert is stored in the compute kernel's own layout, so a load is a plain copy into a slot.
+An expert is stored as one record, either in the compute kernel's own layout (a load is a plain
+copy into a slot) or compressed (a codec expands it into the slot on load).
 """
 
 from __future__ import annotations
@@ -13,33 +14,81 @@ import torch
 
 
 @dataclass(frozen=True)
-class ExpertLayout:
-    """Shapes of one expert's fused gate/up (`w13`) and down (`w2`) weights, kernel layout."""
-
-    w13_shape: tuple[int, ...]
-    w2_shape: tuple[int, ...]
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
     dtype: torch.dtype
 
     @property
-    def w13_bytes(self) -> int:
-        return math.prod(self.w13_shape) * self.dtype.itemsize
-
-    @property
     def nbytes(self) -> int:
-        return self.w13_bytes + math.prod(self.w2_shape) * self.dtype.itemsize
-
-    def split(self, record: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views one flat uint8 expert record as its (w13, w2) weights."""
-        w13 = record[: self.w13_bytes].view(self.dtype).view(self.w13_shape)
-        w2 = record[self.w13_bytes : self.nbytes].view(self.dtype).view(self.w2_shape)
-        return w13, w2
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def as_json(self) -> dict:
         return {
-            "w13_shape": list(self.w13_shape),
-            "w2_shape": list(self.w2_shape),
+            "name": self.name,
+            "shape": list(self.shape),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+
+    @classmethod
+    def from_json(cls, spec: dict) -> TensorSpec:
+        return cls(spec["name"], tuple(spec["shape"]), getattr(torch, spec["dtype"]))
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """One expert's stored tensors, back to back in one record (one read per load).
+
+    A plain store holds `w13` (fused gate/up) and `w2` (down) in the kernel's layout; a
+    quantized one holds the packed weights with their scales, which a codec expands on load.
+    """
+
+    parts: tuple[TensorSpec, ...]
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> ExpertLayout:
+        """The layout of one expert of `tensors`, each `[num_experts, ...]`."""
+        return cls(tuple(TensorSpec(n, tuple(t.shape[1:]), t.dtype) for n, t in tensors.items()))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+    def split(self, record: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views one flat uint8 expert record as its named tensors."""
+        views, offset = {}, 0
+        for part in self.parts:
+            raw = record[offset : offset + part.nbytes]
+            views[part.name] = raw.view(part.dtype).view(part.shape)
+            offset += part.nbytes
+        return views
+
+    def as_json(self) -> list[dict]:
+        return [part.as_json() for part in self.parts]
+
+    @classmethod
+    def from_json(cls, parts: list[dict]) -> ExpertLayout:
+        return cls(tuple(TensorSpec.from_json(part) for part in parts))
+
+
+class ExpertCodec:
+    """Turns a stored expert record into the pool's slot weights: here, a plain copy.
+
+    Subclasses decode compressed records (e.g. int4 with group scales) so that a load moves the
+    stored bytes and the kernel still sees its own layout.
+    """
+
+    def slot_specs(self, layout: ExpertLayout) -> tuple[TensorSpec, TensorSpec]:
+        """Shapes and dtype of one slot's `w13` and `w2`."""
+        parts = {part.name: part for part in layout.parts}
+        return parts["w13"], parts["w2"]
+
+    def decode(
+        self, record: dict[str, torch.Tensor], w13_out: torch.Tensor, w2_out: torch.Tensor
+    ) -> None:
+        """Writes one expert into the slot tensors (asynchronously on CUDA)."""
+        w13_out.copy_(record["w13"], non_blocking=True)
+        w2_out.copy_(record["w2"], non_blocking=True)
 
 
 class ExpertStore(ABC):
@@ -53,28 +102,26 @@ class ExpertStore(ABC):
     def has_layer(self, layer: int) -> bool:
         """True when the layer is stored and readable (a reused disk store starts so)."""
 
-    def write_layer(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """Stores all experts of one layer, `w13: [E, ...]`, `w2: [E, ...]` in kernel layout."""
+    def write_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Stores all experts of one layer: named tensors, each `[num_experts, ...]`."""
         assert not self.has_layer(layer), f"layer {layer} is already stored"
-        assert w13.shape[0] == w2.shape[0] == self.num_experts
-        layout = ExpertLayout(tuple(w13.shape[1:]), tuple(w2.shape[1:]), w13.dtype)
+        assert all(t.shape[0] == self.num_experts for t in tensors.values())
+        layout = ExpertLayout.of(tensors)
         if self.layout is None:
             self.layout = layout
         elif layout != self.layout:
             raise ValueError(f"layer {layer} has expert layout {layout}, others {self.layout}")
-        self._write_layer(layer, w13, w2)
+        self._write_layer(layer, tensors)
 
     @abstractmethod
-    def _write_layer(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None: ...
+    def _write_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None: ...
 
     def finish_writing(self) -> None:
         """Makes the written layers durable; called once every layer is stored."""
 
     @abstractmethod
-    def read_expert(
-        self, layer: int, expert: int, w13_out: torch.Tensor, w2_out: torch.Tensor
-    ) -> None:
-        """Copies one expert into the given slot tensors (asynchronously on CUDA)."""
+    def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's record in host memory, valid until this thread's next read."""
 
     def close(self) -> None:
         """Releases files and buffers."""
@@ -86,21 +133,17 @@ class RamStore(ExpertStore):
     def __init__(self, num_experts: int, pin_memory: bool) -> None:
         super().__init__(num_experts)
         self._pin_memory = pin_memory
-        self._weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weights: dict[int, dict[str, torch.Tensor]] = {}
 
     def has_layer(self, layer: int) -> bool:
         return layer in self._weights
 
-    def _write_layer(self, layer: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        self._weights[layer] = (self._to_host(w13), self._to_host(w2))
+    def _write_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        self._weights[layer] = {name: self._to_host(t) for name, t in tensors.items()}
 
     def _to_host(self, weights: torch.Tensor) -> torch.Tensor:
         host = weights.to("cpu", copy=True).contiguous()
         return host.pin_memory() if self._pin_memory else host
 
-    def read_expert(
-        self, layer: int, expert: int, w13_out: torch.Tensor, w2_out: torch.Tensor
-    ) -> None:
-        w13, w2 = self._weights[layer]
-        w13_out.copy_(w13[expert], non_blocking=True)
-        w2_out.copy_(w2[expert], non_blocking=True)
+    def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        return {name: t[expert] for name, t in self._weights[layer].items()}

@@ -6,8 +6,9 @@ Why:    `KernelConfig.moe_backend` (and `SpeculativeConfig.moe_backend`) is a py
 How:    extend the field's `Literal` with our name, rebuild the two pydantic dataclasses, and
         clear `engine.arg_utils._compute_kwargs`'s cache so the CLI choices are recomputed.
         `VllmConfig.__post_init__` is wrapped to validate `additional_config["expertflow"]`
-        where the config is built, so bad options fail in the caller's process with one line
-        instead of deep inside an engine process, and to install ExpertFlow's worker extension
+        and the checkpoint's quantization where the config is built, so bad options fail in
+        the caller's process with one line instead of deep inside an engine process, and to
+        install ExpertFlow's worker extension
         (stats, reconfigure, tracing over `collective_rpc`) when no other one is configured.
         Runs from the plugin entry point, which vLLM loads in every process before it builds
         its CLI parser or any config.
@@ -67,6 +68,8 @@ def _validate_options_on_config_creation() -> None:
 
     from vllm_expertflow.core.config import OffloadConfig
 
+    from .quantized_moe_method import check_checkpoint
+
     original = VllmConfig.__post_init__
 
     def post_init_with_expertflow_options(self: VllmConfig) -> None:
@@ -74,6 +77,11 @@ def _validate_options_on_config_creation() -> None:
         if self.kernel_config.moe_backend != BACKEND_NAME:
             return
         OffloadConfig.from_dict((self.additional_config or {}).get("expertflow"))
+        if self.model_config is not None:
+            check_checkpoint(
+                self.model_config.quantization,
+                getattr(self.model_config.hf_config, "quantization_config", None),
+            )
         if not self.parallel_config.worker_extension_cls:
             self.parallel_config.worker_extension_cls = WORKER_EXTENSION
         elif self.parallel_config.worker_extension_cls != WORKER_EXTENSION:

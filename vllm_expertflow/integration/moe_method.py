@@ -23,6 +23,7 @@ it replaces that class for every layer once the plugin is loaded, so it must sta
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch.library import Library
@@ -41,6 +42,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_expertflow.core.config import ExpertFlowConfigError
 from vllm_expertflow.core.step_plan import plan_rounds
+from vllm_expertflow.core.store import ExpertCodec
 
 from .moe_backend_patch import BACKEND_NAME
 from .runtime import OffloadRuntime, layer_index
@@ -83,51 +85,75 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         args = (layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype)
         if self.runtime is None:
             return super().create_weights(*args, **extra_weight_attrs)
+        with torch.device(self.register_layer(layer, num_experts, extra_weight_attrs)):
+            return super().create_weights(*args, **extra_weight_attrs)
+
+    def register_layer(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        extra_weight_attrs: dict,
+        codec: ExpertCodec | None = None,
+        store_format: str = "kernel layout",
+    ) -> str:
+        """Registers the layer with the runtime; returns the device for its checkpoint params.
+
+        Loaded in host memory, never on the device: the pool is the only device copy. A layer
+        a verified disk store already holds is not read into memory at all.
+        """
         self.layer_index = layer_index(layer.layer_name)
         self.runtime.register_layer(
-            self.layer_index, num_experts, self.moe.experts_per_token, self.experts_cls.__name__
+            self.layer_index,
+            num_experts,
+            self.moe.experts_per_token,
+            f"{self.experts_cls.__name__}, {store_format}",
+            codec,
         )
         self._slot_of_expert = torch.zeros(num_experts, dtype=torch.int32)
         if self.runtime.store.has_layer(self.layer_index):
-            # A verified disk store already holds this layer: read nothing into memory.
             extra_weight_attrs["weight_loader"] = _skip_stored_weights
-            with torch.device("meta"):
-                return super().create_weights(*args, **extra_weight_attrs)
-        # Loaded in host memory, never on the device: the pool is the only device copy.
-        with torch.device("cpu"):
-            return super().create_weights(*args, **extra_weight_attrs)
+            return "meta"
+        return "cpu"
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self.runtime is None:
             return super().process_weights_after_loading(layer)
+        self.store_layer(layer, lambda: self.to_kernel_layout(layer.w13_weight, layer.w2_weight))
+        replace_parameter(layer, "w13_weight", torch.empty(0, dtype=layer.w13_weight.dtype))
+        replace_parameter(layer, "w2_weight", torch.empty(0, dtype=layer.w2_weight.dtype))
+
+    def store_layer(
+        self, layer: torch.nn.Module, stored_tensors: Callable[[], dict[str, torch.Tensor]]
+    ) -> None:
+        """Writes the layer's experts to the store unless it holds them; builds the kernel."""
         self._init_moe_kernel(layer)
         store = self.runtime.store
         if not store.has_layer(self.layer_index):
-            store.write_layer(self.layer_index, *self._to_kernel_layout(layer))
-        replace_parameter(layer, "w13_weight", torch.empty(0, dtype=layer.w13_weight.dtype))
-        replace_parameter(layer, "w2_weight", torch.empty(0, dtype=layer.w2_weight.dtype))
+            store.write_layer(self.layer_index, stored_tensors())
         self.runtime.layer_stored(self.layer_index)
         self._slot_of_expert = self._slot_of_expert.to(self.runtime.device)
 
-    def _to_kernel_layout(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the stock kernel's own weight conversion (e.g. CPU prepacking) a chunk at a time."""
+    def to_kernel_layout(self, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Runs the stock kernel's own weight conversion (e.g. CPU prepacking) a chunk at a time.
+
+        `w13: [E, 2I, H]`, `w2: [E, H, I]` in checkpoint layout; returns `{"w13", "w2"}`.
+        """
         w13_parts, w2_parts = [], []
-        num_experts = layer.w13_weight.shape[0]
-        for start in range(0, num_experts, _KERNEL_LAYOUT_CHUNK):
+        for start in range(0, w13.shape[0], _KERNEL_LAYOUT_CHUNK):
             chunk = torch.nn.Module()
-            w13, w2 = convert_to_unquantized_kernel_format(
+            w13_chunk, w2_chunk = convert_to_unquantized_kernel_format(
                 self.unquantized_backend,
                 moe_config=self.moe,
-                w13_weight=layer.w13_weight.data[start : start + _KERNEL_LAYOUT_CHUNK],
-                w2_weight=layer.w2_weight.data[start : start + _KERNEL_LAYOUT_CHUNK],
+                w13_weight=w13.data[start : start + _KERNEL_LAYOUT_CHUNK],
+                w2_weight=w2.data[start : start + _KERNEL_LAYOUT_CHUNK],
                 layer=chunk,
             )
-            chunk.w13_weight = torch.nn.Parameter(w13.contiguous(), requires_grad=False)
-            chunk.w2_weight = torch.nn.Parameter(w2.contiguous(), requires_grad=False)
+            chunk.w13_weight = torch.nn.Parameter(w13_chunk.contiguous(), requires_grad=False)
+            chunk.w2_weight = torch.nn.Parameter(w2_chunk.contiguous(), requires_grad=False)
             self.moe_kernel.fused_experts.process_weights_after_loading(chunk)
             w13_parts.append(chunk.w13_weight.data)
             w2_parts.append(chunk.w2_weight.data)
-        return torch.cat(w13_parts), torch.cat(w2_parts)
+        return {"w13": torch.cat(w13_parts), "w2": torch.cat(w2_parts)}
 
     def apply(
         self,

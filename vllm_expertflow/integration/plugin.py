@@ -12,10 +12,11 @@ def register() -> None:
         UnquantizedFusedMoEMethod,
     )
 
-    from . import moe_backend_patch
+    from . import moe_backend_patch, quantized_moe_method
     from .metrics import setup_metrics_channel
 
     moe_backend_patch.apply()
+    quantized_moe_method.install()
     _route_logs_through_vllm()
     setup_metrics_channel()
     name = UnquantizedFusedMoEMethod.__name__

@@ -26,7 +26,7 @@ from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.predictor import GatePredictor, load_predictor
 from vllm_expertflow.core.prefetcher import Prefetcher
 from vllm_expertflow.core.stats import OffloadStats
-from vllm_expertflow.core.store import ExpertStore, RamStore
+from vllm_expertflow.core.store import ExpertCodec, ExpertStore, RamStore
 from vllm_expertflow.core.tracer import RoutingTracer
 
 from .checkpoint import config_hash, load_gate_weights
@@ -64,16 +64,29 @@ class OffloadRuntime:
         self._pending_layers: set[int] = set()
         self._top_k = 0
         self.store: ExpertStore | None = None
+        self.codec = ExpertCodec()
         self.pool: ExpertPool | None = None
         self.prefetcher: Prefetcher | None = None
         self.tracer: RoutingTracer | None = None
         self.metrics = SnapshotWriter()
         atexit.register(self.shutdown)
 
-    def register_layer(self, layer: int, num_experts: int, top_k: int, kernel_name: str) -> None:
-        """Called while the model is built, before any weight is loaded."""
+    def register_layer(
+        self,
+        layer: int,
+        num_experts: int,
+        top_k: int,
+        store_format: str,
+        codec: ExpertCodec | None = None,
+    ) -> None:
+        """Called while the model is built, before any weight is loaded.
+
+        `store_format` names the kernel and stored layout (part of the disk store's key);
+        `codec` expands stored records into slots (a plain copy when None).
+        """
         if self.store is None:
-            self.store = self._make_store(num_experts, kernel_name)
+            self.store = self._make_store(num_experts, store_format)
+            self.codec = codec or ExpertCodec()
         assert num_experts == self.store.num_experts, "expertflow needs equal expert counts"
         self._top_k = max(self._top_k, top_k)
         self._layers.add(layer)
@@ -111,7 +124,10 @@ class OffloadRuntime:
 
     def _build_pool(self) -> None:
         num_layers = len(self._layers)
-        num_slots = self.config.num_slots(num_layers, self.store.num_experts, self._top_k)
+        slot_bytes = sum(spec.nbytes for spec in self.codec.slot_specs(self.store.layout))
+        num_slots = self.config.num_slots(
+            num_layers, self.store.num_experts, self._top_k, slot_bytes
+        )
         link = EmulatedLink(self.config.link_gbps) if self.config.link_gbps else None
         self.stats = OffloadStats()
         self.pool = None  # the old slots go before the new ones are allocated
@@ -122,17 +138,19 @@ class OffloadRuntime:
             make_policy(self.config.policy, num_slots, num_layers),
             self.stats,
             link=link,
+            codec=self.codec,
         )
         self.prefetcher = self._make_prefetcher()
         if self.config.static_experts is not None:
             self.pool.pin_permanently(self._static_hot_set(num_slots))
         logger.info(
-            "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %s store%s, "
-            "policy %s, predictor %s)",
+            "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %.1f KiB "
+            "read per load, %s store%s, policy %s, predictor %s)",
             num_slots,
             num_layers,
             self.store.num_experts,
-            num_slots * self.store.layout.nbytes / 2**20,
+            num_slots * slot_bytes / 2**20,
+            self.store.layout.nbytes / 2**10,
             self.config.store,
             f", reads bypass the page cache with {self.store.bypass}"
             if isinstance(self.store, DiskStore)
@@ -158,16 +176,16 @@ class OffloadRuntime:
             predictor = load_predictor(name, config_hash(model))
         return Prefetcher(self.pool, predictor, self.config.prefetch_depth, self._top_k)
 
-    def _make_store(self, num_experts: int, kernel_name: str) -> ExpertStore:
+    def _make_store(self, num_experts: int, store_format: str) -> ExpertStore:
         if self.config.store == "ram":
             return RamStore(num_experts, pin_memory=self.device.type == "cuda")
-        fingerprint = self._fingerprint(num_experts, kernel_name)
+        fingerprint = self._fingerprint(num_experts, store_format)
         digest = hashlib.blake2b(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
         name = os.path.basename(os.path.normpath(self._model_config.model)) or "model"
         directory = os.path.join(self.config.resolved_store_dir, f"{name}-{digest[:16]}")
         return DiskStore(directory, fingerprint, num_experts)
 
-    def _fingerprint(self, num_experts: int, kernel_name: str) -> dict:
+    def _fingerprint(self, num_experts: int, store_format: str) -> dict:
         """What the stored bytes depend on: the checkpoint files, dtype and kernel layout."""
         import vllm
 
@@ -180,7 +198,7 @@ class OffloadRuntime:
             ],
             "dtype": str(self._model_config.dtype),
             "num_experts": num_experts,
-            "kernel": kernel_name,
+            "format": store_format,
             "vllm": vllm.__version__,
         }
 

@@ -1,0 +1,147 @@
+"""Int4 experts (GPTQ and AWQ, made by `vllm-expertflow quantize` with llm-compressor) served by
+`moe_backend="expertflow"`: greedy tokens equal the stock backend's on the same experts.
+
+The stock backend's int4 MoE kernel needs AMX, which CI's CPUs lack, so its reference run uses
+the same checkpoint with the experts expanded to bf16 by compressed-tensors (`write_dequantized`):
+identical expert values, stock kernel, no offloading.
+"""
+
+import json
+import os
+import shutil
+from argparse import Namespace
+
+import pytest
+import torch
+from conftest import MAX_NUM_BATCHED_TOKENS
+
+import vllm_expertflow
+from vllm_expertflow.tools import quantize
+from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine, run_greedy
+
+pytestmark = pytest.mark.engine
+
+GROUP_SIZE = 64
+
+
+@pytest.fixture(scope="module", params=["gptq", "awq"])
+def quantized(request, tmp_path_factory):
+    """A quantized demo model (tiny calibration) and the stock backend's tokens on it."""
+    method = request.param
+    out = tmp_path_factory.mktemp("quantized") / f"demo-{method}"
+    args = Namespace(
+        model=DEMO_MODEL,
+        method=method,
+        bits=4,
+        group_size=GROUP_SIZE,
+        calibration=[DEMO_MODEL / "heldout_pydoc.txt"],
+        samples=8,
+        seq_len=128,
+        out=out,
+    )
+    assert quantize.run(args) == 0
+    reference = out.with_name(f"{out.name}-dequantized")
+    quantize.write_dequantized(out, reference)
+    return method, out, reference
+
+
+@pytest.fixture(scope="module")
+def stock_tokens(quantized, prompts):
+    _, _, reference = quantized
+    return run_greedy(
+        prompts, "auto", model=reference, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS
+    ).token_ids
+
+
+def packed_record_bytes(config: dict, symmetric: bool) -> int:
+    hidden, inter = config["hidden_size"], config["moe_intermediate_size"]
+    weights = 3 * hidden * inter // 2  # 4 bits each
+    scales = 3 * hidden * inter // GROUP_SIZE * 2  # one bf16 per group
+    zero_points = 0 if symmetric else scales // 4  # one 4-bit per group
+    return weights + scales + zero_points
+
+
+def test_quantized_checkpoint_holds_packed_experts_and_bf16_rest(quantized):
+    method, out, _ = quantized
+    config = json.loads((out / "config.json").read_text())
+    (group,) = config["quantization_config"]["config_groups"].values()
+    assert group["weights"]["num_bits"] == 4
+    assert group["weights"]["group_size"] == GROUP_SIZE
+    assert group["weights"]["symmetric"] == (method == "gptq")
+    # A quarter of the experts' bytes, and more: attention and embeddings stay bf16.
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert size < 0.5 * (DEMO_MODEL / "model.safetensors").stat().st_size
+
+
+def test_greedy_tokens_match_stock_on_the_same_experts(
+    quantized, stock_tokens, prompts, demo_config, tmp_path
+):
+    method, out, _ = quantized
+    top_k = demo_config["num_experts_per_tok"]
+    store = {"store": "disk", "store_dir": str(tmp_path)}
+    options = {"cache_fraction": 0.25, **store}
+    with open_engine(
+        "expertflow", options, model=out, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS
+    ) as llm:
+        for size in ({"cache_fraction": 0.25}, {"cache_experts": top_k}):
+            vllm_expertflow.reconfigure(llm, {**store, **size})
+            outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
+            assert [list(o.outputs[0].token_ids) for o in outputs] == stock_tokens, size
+            total = vllm_expertflow.get_stats(llm)["total"]
+            record = packed_record_bytes(demo_config, symmetric=method == "gptq")
+            assert total["bytes_loaded"] == total["misses"] * record > 0
+
+    # A corrupt layer file of the packed store is rebuilt from the checkpoint, never used.
+    (store_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    with open(store_dir / "layer_3.bin", "r+b") as f:
+        f.seek(4096 + 17)
+        f.write(b"\x5a\xa5\x5a")
+    mtime = os.stat(store_dir / "layer_3.bin").st_mtime_ns
+    with open_engine(
+        "expertflow", options, model=out, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS
+    ) as llm:
+        outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == stock_tokens
+    assert os.stat(store_dir / "layer_3.bin").st_mtime_ns != mtime
+
+
+def test_unsupported_quantized_experts_are_refused_in_one_line(quantized, tmp_path):
+    _, out, _ = quantized
+    channelwise = tmp_path / "channelwise"
+    shutil.copytree(out, channelwise)
+    config = json.loads((channelwise / "config.json").read_text())
+    (group,) = config["quantization_config"]["config_groups"].values()
+    group["weights"].update(strategy="channel", group_size=None)
+    (channelwise / "config.json").write_text(json.dumps(config))
+    # Refused where the engine config is built (pydantic wraps the error), before any load.
+    with pytest.raises(ValueError) as error:
+        with open_engine("expertflow", {"cache_fraction": 0.5}, model=channelwise):
+            pass
+    (line,) = [line for line in str(error.value).splitlines() if "expertflow:" in line]
+    assert "int4 weights with group scales (W4A16), got 4-bit channel" in line
+    assert "vllm-expertflow quantize" in line
+
+
+def test_dequantize_packed_matches_the_quantization_formula():
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from vllm_expertflow.integration.quantized_moe_method import dequantize_packed
+
+    rows, cols, group = 16, 128, 32
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (rows, cols), generator=generator)
+    zeros = torch.randint(0, 16, (rows, cols // group), generator=generator)
+    scale = (torch.rand(rows, cols // group, generator=generator) + 0.1).to(torch.bfloat16)
+    # compressed-tensors stores signed int4 (-8..7); zero points packed along rows.
+    packed = pack_to_int32((codes - 8).to(torch.int8), 4)
+    packed_zeros = pack_to_int32((zeros - 8).to(torch.int8), 4, packed_dim=0)
+    args = QuantizationArgs(num_bits=4, strategy="group", group_size=group, symmetric=False)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+
+    weight = dequantize_packed(scheme, (rows, cols), packed, scale, packed_zeros)
+
+    expected = (codes - zeros.repeat_interleave(group, dim=1)) * scale.float().repeat_interleave(
+        group, dim=1
+    )
+    torch.testing.assert_close(weight.float(), expected, rtol=1e-2, atol=1e-2)

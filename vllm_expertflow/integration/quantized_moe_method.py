@@ -1,0 +1,281 @@
+"""Int4 (compressed-tensors W4A16, from GPTQ or AWQ) experts served with offloading.
+
+The store keeps each expert packed: int4 weights with their group scales (and zero points for
+asymmetric schemes), so a load reads about a quarter of bf16's bytes. On load the codec
+dequantises the expert with compressed-tensors' own unpacking and converts it to the stock
+bf16 kernel's layout in its slot; from there a step is exactly the unquantized one.
+
+vLLM's packed int4 CPU MoE kernel (`CPUExpertsInt4`) needs AMX tiles, and no GPU int4 path
+is wired to the pool yet, so slots always hold dequantised bf16: the pool holds as many experts
+per byte as a bf16 model's, and the saving is in bytes moved per load.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
+from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExperts
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+    CompressedTensorsMoEMethod,
+)
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+    compressed_tensors_moe_wna16 as stock_wna16,
+)
+from vllm.model_executor.utils import replace_parameter
+
+from vllm_expertflow.core.config import ExpertFlowConfigError
+from vllm_expertflow.core.store import ExpertCodec, ExpertLayout, TensorSpec
+
+from .moe_backend_patch import BACKEND_NAME
+from .moe_method import ExpertFlowMoEMethod
+
+logger = logging.getLogger(__name__)
+
+# The layer's checkpoint params, as CompressedTensorsWNA16MoEMethod.create_weights names them,
+# and the record part each becomes.
+_STORED_PARAMS = {
+    "w13_packed": "w13_weight_packed",
+    "w13_scale": "w13_weight_scale",
+    "w13_zero_point": "w13_weight_zero_point",
+    "w2_packed": "w2_weight_packed",
+    "w2_scale": "w2_weight_scale",
+    "w2_zero_point": "w2_weight_zero_point",
+}
+_SHAPE_PARAMS = ("w13_weight_shape", "w2_weight_shape")
+
+
+class PackedInt4Codec(ExpertCodec):
+    """Dequantises a pack-quantized expert record into the stock kernel's bf16 slot layout."""
+
+    def __init__(
+        self,
+        weights: QuantizationArgs,
+        hidden_size: int,
+        intermediate_size: int,
+        dtype: torch.dtype,
+        dense: ExpertFlowMoEMethod,
+    ) -> None:
+        self.scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+        self.w13_shape = (2 * intermediate_size, hidden_size)
+        self.w2_shape = (hidden_size, intermediate_size)
+        self.dtype = dtype
+        self.dense = dense
+        self._slot_specs: tuple[TensorSpec, TensorSpec] | None = None
+
+    def slot_specs(self, layout: ExpertLayout) -> tuple[TensorSpec, TensorSpec]:
+        if self._slot_specs is None:
+            # The kernel's layout may pad or block the weights: ask it, with one empty expert.
+            slot = self.dense.to_kernel_layout(
+                torch.zeros(1, *self.w13_shape, dtype=self.dtype),
+                torch.zeros(1, *self.w2_shape, dtype=self.dtype),
+            )
+            self._slot_specs = tuple(
+                TensorSpec(name, tuple(slot[name].shape[1:]), slot[name].dtype)
+                for name in ("w13", "w2")
+            )
+        return self._slot_specs
+
+    def dequantize(self, record: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's `w13: [2I, H]` and `w2: [H, I]` in the checkpoint's dtype."""
+        return self._dequantize(record, "w13", self.w13_shape), self._dequantize(
+            record, "w2", self.w2_shape
+        )
+
+    def decode(
+        self, record: dict[str, torch.Tensor], w13_out: torch.Tensor, w2_out: torch.Tensor
+    ) -> None:
+        w13, w2 = self.dequantize(record)
+        slot = self.dense.to_kernel_layout(w13[None], w2[None])
+        w13_out.copy_(slot["w13"][0], non_blocking=True)
+        w2_out.copy_(slot["w2"][0], non_blocking=True)
+
+    def _dequantize(
+        self, record: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int]
+    ) -> torch.Tensor:
+        return dequantize_packed(
+            self.scheme,
+            shape,
+            record[f"{prefix}_packed"],
+            record[f"{prefix}_scale"],
+            record.get(f"{prefix}_zero_point"),
+        ).to(self.dtype)
+
+
+def dequantize_packed(
+    scheme: QuantizationScheme,
+    shape: tuple[int, int],
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+) -> torch.Tensor:
+    """A pack-quantized `[N, K]` weight in float, by compressed-tensors' own decompressor.
+
+    Groups run along K, so the fused gate/up rows of one expert decompress as one tensor.
+    """
+    state = {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor(shape)}
+    if zero_point is not None:
+        state["weight_zero_point"] = zero_point
+    return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+
+
+class ExpertFlowWNA16MoEMethod(stock_wna16.CompressedTensorsWNA16MoEMethod):
+    """vLLM's compressed-tensors WNA16 MoE method; with `--moe-backend expertflow` the experts
+    are offloaded in packed form. Exactly the stock method otherwise."""
+
+    def __init__(
+        self,
+        weight_quant: QuantizationArgs,
+        input_quant: QuantizationArgs | None,
+        moe: FusedMoEConfig,
+        layer_name: str | None = None,
+    ) -> None:
+        self.dense: ExpertFlowMoEMethod | None = None
+        if moe.moe_backend != BACKEND_NAME:
+            super().__init__(weight_quant, input_quant, moe, layer_name)
+            return
+        # Not the stock __init__: it would pick a platform int4 kernel (and fail without one).
+        CompressedTensorsMoEMethod.__init__(self, moe)
+        check_expert_scheme(weight_quant, input_quant)
+        self.weight_quant = weight_quant
+        self.input_quant = input_quant
+        self.symmetric = weight_quant.symmetric
+        self.num_bits = weight_quant.num_bits
+        self.packed_factor = 32 // weight_quant.num_bits
+        self.strategy = weight_quant.strategy
+        self.group_size = weight_quant.group_size
+        # The dense method owns the pool, the step and the bf16 kernel the slots feed.
+        self.dense = ExpertFlowMoEMethod(moe)
+        _log_int4_path()
+
+    @property
+    def runtime(self):
+        return self.dense.runtime if self.dense is not None else None
+
+    @property
+    def requires_device_loading(self) -> bool:  # type: ignore[override]
+        return self.dense is None
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        args = (layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype)
+        if self.dense is None:
+            return super().create_weights(*args, **extra_weight_attrs)
+        codec = PackedInt4Codec(
+            self.weight_quant,
+            hidden_size,
+            intermediate_size_per_partition,
+            params_dtype,
+            self.dense,
+        )
+        scheme = "sym" if self.symmetric else "asym"
+        store_format = f"int4 {scheme} group {self.group_size}, dequantised on load"
+        device = self.dense.register_layer(
+            layer, num_experts, extra_weight_attrs, codec, store_format
+        )
+        with torch.device(device):
+            return super().create_weights(*args, **extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.dense is None:
+            return super().process_weights_after_loading(layer)
+        self.dense.store_layer(layer, lambda: _packed_tensors(layer))
+        for name in (*_STORED_PARAMS.values(), *_SHAPE_PARAMS):
+            if hasattr(layer, name):
+                param = getattr(layer, name)
+                replace_parameter(layer, name, torch.empty(0, dtype=param.dtype))
+
+    def get_fused_moe_quant_config(self, layer: torch.nn.Module):
+        if self.dense is None:
+            return super().get_fused_moe_quant_config(layer)
+        return self.dense.get_fused_moe_quant_config(layer)
+
+    def apply(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts: SharedExperts | None,
+        shared_experts_input: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if self.dense is None:
+            return super().apply(
+                layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
+            )
+        return self.dense.apply(
+            layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
+        )
+
+    def run_step(self, *args, **kwargs) -> torch.Tensor:
+        return self.dense.run_step(*args, **kwargs)
+
+
+def _packed_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The layer's packed checkpoint tensors as one record per expert."""
+    return {
+        part: getattr(layer, param).data
+        for part, param in _STORED_PARAMS.items()
+        if hasattr(layer, param)
+    }
+
+
+def check_expert_scheme(weights: QuantizationArgs, activations: QuantizationArgs | None) -> None:
+    """Refuses, in one line, quantized experts the int4 codec cannot expand."""
+    if activations is not None or weights.num_bits != 4 or weights.strategy != "group":
+        got = f"{weights.num_bits}-bit {weights.strategy}" + (
+            " with quantized activations" if activations is not None else ""
+        )
+        raise ExpertFlowConfigError(
+            f"expertflow: quantized experts must be int4 weights with group scales (W4A16), got "
+            f"{got}; `vllm-expertflow quantize` writes such checkpoints"
+        )
+
+
+def check_checkpoint(quantization: str | None, quantization_config: dict | None) -> None:
+    """Checks a checkpoint's quantization where the engine config is built: one clear line."""
+    if quantization is None:
+        return
+    if quantization != "compressed-tensors":
+        raise ExpertFlowConfigError(
+            f"expertflow: {quantization} checkpoints are not supported; offloaded experts must be "
+            "compressed-tensors W4A16 (`vllm-expertflow quantize` writes them)"
+        )
+    for group in (quantization_config or {}).get("config_groups", {}).values():
+        activations = group.get("input_activations")
+        check_expert_scheme(
+            QuantizationArgs(**group["weights"]),
+            QuantizationArgs(**activations) if activations else None,
+        )
+
+
+@functools.cache
+def _log_int4_path() -> None:
+    amx = torch.cpu._is_amx_tile_supported()
+    logger.info(
+        "expertflow: int4 experts stay packed in the store and are dequantised into bf16 slots "
+        "on load (this CPU %s AMX; vLLM's packed int4 MoE kernel, which needs it, is not used "
+        "with offloading)",
+        "has" if amx else "lacks",
+    )
+
+
+def install() -> None:
+    """Makes compressed-tensors' MoE dispatch build this class for WNA16 experts.
+
+    `CompressedTensorsMoEMethod.get_moe_method` imports the WNA16 class from its module at call
+    time, so replacing the module attribute is enough; the class stays stock unless the
+    backend is expertflow.
+    """
+    stock_wna16.CompressedTensorsWNA16MoEMethod = ExpertFlowWNA16MoEMethod

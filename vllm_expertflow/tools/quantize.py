@@ -1,0 +1,130 @@
+"""`vllm-expertflow quantize`: int4 GPTQ or AWQ experts, in a checkpoint vLLM loads.
+
+The work runs in the quantization environment (`.venv-quant`, see quantize_oneshot.py for
+why it is separate); this side checks the inputs first so a bad one costs one line, not a
+traceback from another environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .quantize_oneshot import add_arguments
+
+__all__ = ["add_arguments", "run", "quantization_python"]
+
+QUANT_PYTHON_ENV = "VLLM_EXPERTFLOW_QUANT_PYTHON"
+_DEFAULT_QUANT_VENV = Path(__file__).resolve().parents[2] / ".venv-quant"
+
+
+class QuantizeError(ValueError):
+    """A bad `quantize` input; the message names the fix."""
+
+
+def quantization_python() -> str:
+    """The quantization environment's interpreter: $VLLM_EXPERTFLOW_QUANT_PYTHON or .venv-quant."""
+    python = os.environ.get(QUANT_PYTHON_ENV) or str(_DEFAULT_QUANT_VENV / "bin" / "python")
+    if not os.access(python, os.X_OK):
+        raise QuantizeError(
+            f"quantize: no quantization environment at {python}; run ./setup.sh (it makes "
+            f".venv-quant with llm-compressor) or set {QUANT_PYTHON_ENV}"
+        )
+    return python
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    config_path = args.model / "config.json"
+    if not config_path.is_file():
+        raise QuantizeError(f"quantize: {args.model} has no config.json; give a checkpoint folder")
+    config = json.loads(config_path.read_text())
+    if "quantization_config" in config:
+        raise QuantizeError(f"quantize: {args.model} is already quantized; give a bf16 checkpoint")
+    missing = [str(p) for p in args.calibration if not p.is_file()]
+    if missing:
+        raise QuantizeError(f"quantize: calibration file(s) not found: {', '.join(missing)}")
+    sizes = {
+        "hidden_size": config.get("hidden_size"),
+        "moe_intermediate_size": config.get("moe_intermediate_size"),
+    }
+    bad = {name: size for name, size in sizes.items() if size and size % args.group_size}
+    if args.group_size <= 0 or bad:
+        raise QuantizeError(
+            f"quantize: --group-size {args.group_size} must divide "
+            + ", ".join(f"{name} ({size})" for name, size in sizes.items())
+        )
+    if args.out.resolve() == args.model.resolve():
+        raise QuantizeError("quantize: --out must differ from --model")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        check_inputs(args)
+        python = quantization_python()
+    except QuantizeError as error:
+        print(error, file=sys.stderr)
+        return 2
+    # Run as a file, not a module: the other environment need not have this package.
+    script = Path(__file__).with_name("quantize_oneshot.py")
+    result = subprocess.run([python, str(script), *_oneshot_argv(args)])
+    if result.returncode == 0:
+        size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
+        print(f"quantize: wrote {args.out} ({size / 2**20:.1f} MiB of weights)")
+    return result.returncode
+
+
+def _oneshot_argv(args: argparse.Namespace) -> list[str]:
+    return [
+        *("--model", str(args.model), "--method", args.method, "--bits", str(args.bits)),
+        *("--group-size", str(args.group_size), "--samples", str(args.samples)),
+        *("--seq-len", str(args.seq_len), "--out", str(args.out)),
+        *("--calibration", *map(str, args.calibration)),
+    ]
+
+
+def write_dequantized(quantized: Path, out: Path) -> None:
+    """The quantized checkpoint with its experts expanded back to bf16, value for value.
+
+    What the stock backend runs where it has no int4 MoE kernel (CPUs without AMX): the
+    reference expertflow's int4 serving must match token for token.
+    """
+    import shutil
+
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file, save_file
+
+    from vllm_expertflow.integration.quantized_moe_method import dequantize_packed
+
+    config = json.loads((quantized / "config.json").read_text())
+    (group,) = config.pop("quantization_config")["config_groups"].values()
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**group["weights"]))
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(quantized.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    dense = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".weight_packed"):
+            prefix = name.removesuffix("_packed")
+            scale = tensors[f"{prefix}_scale"]
+            shape = tuple(tensors[f"{prefix}_shape"].tolist())
+            zero_point = tensors.get(f"{prefix}_zero_point")
+            dense[prefix] = dequantize_packed(scheme, shape, tensor, scale, zero_point).to(
+                scale.dtype
+            )
+        elif not any(name.endswith(s) for s in ("_scale", "_shape", "_zero_point")):
+            dense[name] = tensor
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in quantized.iterdir():
+        if path.suffix != ".safetensors" and path.name != "config.json" and path.is_file():
+            shutil.copy(path, tmp / path.name)
+    (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    save_file(dense, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)

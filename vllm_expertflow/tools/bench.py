@@ -84,6 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"default: {DEMO_PREDICTORS}/hot_experts.json",
     )
+    parser.add_argument(
+        "--quantized",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="quantized checkpoints of --model (vllm-expertflow quantize) to run lru-ondemand "
+        "on at the same cache_bytes as the bf16 model's budgets",
+    )
     parser.add_argument("--quick", action="store_true", help=f"a <5 minute run: {QUICK}")
     parser.add_argument("--out", type=Path, required=True)
 
@@ -106,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(
                     {
                         "policy": "stock",
+                        "format": "bf16",
                         "cache_fraction": 1.0,
                         "batch": batch,
                         **measure(llm, prompts[:batch], args, with_stats=False),
@@ -115,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     trace_dir = args.out / "trace"
     if online:
         rows += run_expertflow(args, prompts, budgets, batches, online, trace_dir)
+    for checkpoint in args.quantized:
+        rows += run_quantized(args, checkpoint, prompts, budgets, batches)
     add_ratios(rows)
     offline = offline_rows(args, budgets, policies, trace_dir) if trace_dir.exists() else []
     write_results(args, rows, offline)
@@ -129,8 +140,12 @@ def bench_prompts(args: argparse.Namespace, count: int) -> list[str]:
     return paragraphs[:count]
 
 
-def policy_options(args: argparse.Namespace, policy: str, budget: float) -> dict:
-    options: dict = {"cache_fraction": budget, "store": args.store}
+def policy_options(
+    args: argparse.Namespace, policy: str, budget: float, cache_bytes: int | None = None
+) -> dict:
+    """Options for one online policy; `cache_bytes`, when given, sizes the pool instead."""
+    size = {"cache_fraction": budget} if cache_bytes is None else {"cache_bytes": cache_bytes}
+    options: dict = {**size, "store": args.store}
     if args.store_dir:
         options["store_dir"] = args.store_dir
     if args.link_gbps:
@@ -170,12 +185,53 @@ def run_expertflow(args, prompts, budgets, batches, online, trace_dir) -> list[d
                 rows.append(
                     {
                         "policy": policy,
+                        "format": "bf16",
                         "cache_fraction": budget,
                         "batch": batch,
                         **measure(llm, prompts[:batch], args, with_stats=True),
                     }
                 )
     return rows
+
+
+def run_quantized(args, checkpoint: Path, prompts, budgets, batches) -> list[dict]:
+    """lru-ondemand on a quantized checkpoint, each budget as the bf16 experts' bytes."""
+    import vllm_expertflow
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    (group,) = config["quantization_config"]["config_groups"].values()
+    report = checkpoint / "quantization_report.json"
+    method = json.loads(report.read_text())["method"] if report.exists() else "int4"
+    fmt = f"int{group['weights']['num_bits']}-{method}-g{group['weights']['group_size']}"
+    bf16_bytes = bf16_expert_bytes(config)
+    rows = []
+    sized = [(b, policy_options(args, "lru-ondemand", b, int(b * bf16_bytes))) for b in budgets]
+    with open_engine(
+        "expertflow", sized[0][1], checkpoint, enforce_eager=False, enable_prefix_caching=False
+    ) as llm:
+        for budget, options in tqdm(sized, desc=f"{fmt} budgets", unit="budget"):
+            vllm_expertflow.reconfigure(llm, options)
+            for batch in batches:
+                rows.append(
+                    {
+                        "policy": "lru-ondemand",
+                        "format": fmt,
+                        "cache_fraction": budget,
+                        "cache_bytes": options["cache_bytes"],
+                        "batch": batch,
+                        **measure(llm, prompts[:batch], args, with_stats=True),
+                    }
+                )
+    return rows
+
+
+def bf16_expert_bytes(config: dict) -> int:
+    """Bytes of every routed expert of the model in bf16 (the pool at cache_fraction 1.0)."""
+    mlp_only = len(config.get("mlp_only_layers") or [])
+    layers = config["num_hidden_layers"] - mlp_only
+    per_expert = 3 * config["hidden_size"] * config["moe_intermediate_size"] * 2
+    num_experts = config.get("num_experts") or config["num_local_experts"]
+    return layers * num_experts * per_expert
 
 
 def record_trace(llm, prompts, args, trace_dir: Path, metadata: dict) -> None:
@@ -318,14 +374,14 @@ def render_markdown(results: dict) -> str:
     lines = [
         f"Store: {results['store']}, {results['link']}. Command: `{results['command']}`",
         "",
-        "| policy | cache | batch | decode tok/s | vs stock | prefill tok/s | hit rate | "
-        "misses | MiB read | stall s | prefetch precision |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | experts | cache | batch | decode tok/s | vs stock | prefill tok/s | "
+        "hit rate | misses | MiB read | stall s | prefetch precision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["online"]:
         mib = r.get("bytes_loaded", 0) / 2**20
         lines.append(
-            f"| {r['policy']} | {r['cache_fraction']} | {r['batch']} | "
+            f"| {r['policy']} | {r.get('format', 'bf16')} | {r['cache_fraction']} | {r['batch']} | "
             f"{r['decode_tokens_per_s']:.1f} | {r.get('decode_ratio_vs_stock', 0):.2f}x | "
             f"{r['prefill_tokens_per_s']:.0f} | {r.get('hit_rate', 1.0):.3f} | "
             f"{r.get('misses', 0)} | {mib:.1f} | {r.get('stall_seconds', 0):.2f} | "
@@ -359,22 +415,26 @@ def plot(rows: list[dict], path: Path, link: str) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(2, len(batches), figsize=(5.5 * len(batches), 8), squeeze=False)
     for col, batch in enumerate(batches):
-        for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "stock"):
+        series = dict.fromkeys((r["policy"], r["format"]) for r in rows if r["policy"] != "stock")
+        for policy, fmt in series:
             points = sorted(
                 (r["cache_fraction"], r.get("hit_rate", 0), r.get("decode_ratio_vs_stock", 0))
                 for r in rows
-                if r["policy"] == policy and r["batch"] == batch
+                if (r["policy"], r["format"]) == (policy, fmt) and r["batch"] == batch
             )
             x = [p[0] for p in points]
-            axes[0][col].plot(x, [p[1] for p in points], marker="o", label=policy)
-            axes[1][col].plot(x, [p[2] for p in points], marker="o", label=policy)
+            label = policy if fmt == "bf16" else f"{policy}, {fmt} experts"
+            axes[0][col].plot(x, [p[1] for p in points], marker="o", label=label)
+            axes[1][col].plot(x, [p[2] for p in points], marker="o", label=label)
         axes[1][col].axhline(1.0, color="grey", linestyle="--", label="stock")
         axes[0][col].set(
-            title=f"hit rate, batch {batch}", xlabel="share of experts resident", ylabel="hit rate"
+            title=f"hit rate, batch {batch}",
+            xlabel="pool size, share of the bf16 experts' bytes",
+            ylabel="hit rate",
         )
         axes[1][col].set(
             title=f"decode tok/s vs stock, batch {batch} ({link})",
-            xlabel="share of experts resident",
+            xlabel="pool size, share of the bf16 experts' bytes",
             ylabel="ratio to stock",
         )
         for ax in (axes[0][col], axes[1][col]):

@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='expertflow options as JSON, e.g. {"cache_fraction": 0.5}',
     )
     parser.add_argument("--chunk-tokens", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=40_000, help="tokens scored, at most")
+    parser.add_argument(
+        "--max-tokens", type=int, default=40_000, help="tokens scored per file, at most"
+    )
 
 
 def perplexity(llm, chunks: list[list[int]]) -> tuple[float, int]:
@@ -57,15 +59,12 @@ def limit_tokens(chunks: list[list[int]], max_tokens: int) -> list[list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    chunks = limit_tokens(text_chunks(args.model, args.text, args.chunk_tokens), args.max_tokens)
+    """Prints one JSON line: perplexity and tokens scored per text file."""
+    result = {"model": str(args.model), "moe_backend": args.moe_backend, "options": args.options}
     with open_engine(args.moe_backend, args.options, args.model) as llm:
-        value, tokens = perplexity(llm, chunks)
-    result = {
-        "model": str(args.model),
-        "moe_backend": args.moe_backend,
-        "text": [str(p) for p in args.text],
-        "tokens_scored": tokens,
-        "perplexity": round(value, 3),
-    }
+        for path in args.text:
+            chunks = text_chunks(args.model, [path], args.chunk_tokens)
+            value, tokens = perplexity(llm, limit_tokens(chunks, args.max_tokens))
+            result[path.name] = {"perplexity": round(value, 3), "tokens_scored": tokens}
     print(json.dumps(result))
     return 0

@@ -63,3 +63,11 @@ def test_belady_is_the_floor(results):
         assert row["loads"] >= offline["belady"]["loads"], policy
         assert row["lookups"] == offline["belady"]["lookups"]
     assert 0.0 < offline["learned"]["next_layer_recall"] <= 1.0
+
+
+def test_equal_memory_budgets_are_bf16_expert_bytes():
+    from vllm_expertflow.tools.bench import bf16_expert_bytes
+
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    # 6 MoE layers x 32 experts x (gate, up, down of 256 x 128) x 2 bytes
+    assert bf16_expert_bytes(config) == 6 * 32 * 3 * 256 * 128 * 2

@@ -19,6 +19,7 @@ import threading
 
 import torch
 
+from .files import write_text_atomically
 from .store import ExpertLayout, ExpertStore
 
 logger = logging.getLogger(__name__)
@@ -128,12 +129,7 @@ class DiskStore(ExpertStore):
             "num_experts": self.num_experts,
             "layers": self._layer_digests,
         }
-        tmp = self._path(f"{MANIFEST}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path(MANIFEST))
+        write_text_atomically(self._path(MANIFEST), json.dumps(manifest, indent=1), durable=True)
         for layer in list(self._pending):
             del self._pending[layer]
             self._open_for_reading(layer)

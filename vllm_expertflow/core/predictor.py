@@ -351,9 +351,10 @@ class PredictorMismatchError(ValueError):
 
 def save_predictor(predictor: ExpertPredictor, path: str) -> None:
     """Writes `predictor` to one safetensors file, atomically (a temporary name, then rename)."""
-    import os
 
     from safetensors.torch import save_file
+
+    from .files import atomic_path
 
     kind, state = _SAVERS[type(predictor)]
     tensors, extra = state(predictor)
@@ -367,12 +368,9 @@ def save_predictor(predictor: ExpertPredictor, path: str) -> None:
         "max_depth": str(predictor.max_depth),
         **{key: json.dumps(value) for key, value in extra.items()},
     }
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.tmp")
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata
-    )
-    os.replace(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def load_predictor(path: str, expected_config_hash: str | None) -> ExpertPredictor:

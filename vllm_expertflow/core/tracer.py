@@ -20,6 +20,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from .files import atomic_path, write_text_atomically
+
 FORMAT_VERSION = 1
 
 
@@ -90,9 +92,8 @@ class RoutingTracer:
         keys = self._pending[0].keys()
         tensors = {k: torch.cat([step[k] for step in self._pending]).contiguous() for k in keys}
         name = f"shard_{len(self._shards):05d}.safetensors"
-        tmp = os.path.join(self.directory, f".{name}.tmp")
-        save_file(tensors, tmp)
-        os.replace(tmp, os.path.join(self.directory, name))
+        with atomic_path(os.path.join(self.directory, name)) as tmp:
+            save_file(tensors, tmp)
         self._shards.append(name)
         self._pending, self._pending_tokens = [], 0
 
@@ -107,10 +108,8 @@ class RoutingTracer:
             "num_steps": self.num_steps,
             "shards": self._shards,
         }
-        tmp = os.path.join(self.directory, ".manifest.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(self.directory, "manifest.json"))
+        manifest_path = os.path.join(self.directory, "manifest.json")
+        write_text_atomically(manifest_path, json.dumps(manifest, indent=1))
         return manifest
 
 

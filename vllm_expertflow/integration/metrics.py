@@ -23,6 +23,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from vllm_expertflow.core.files import write_text_atomically
+
 METRICS_DIR_ENV = "VLLM_EXPERTFLOW_METRICS_DIR"
 METRICS_OWNER_ENV = "VLLM_EXPERTFLOW_METRICS_OWNER"
 SNAPSHOT_INTERVAL_SECONDS = 1.0
@@ -77,10 +79,7 @@ class SnapshotWriter:
         if self.directory is None or not os.path.isdir(self.directory):
             return
         path = os.path.join(self.directory, f"{os.getpid()}.json")
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(snapshot, f)
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(snapshot))
 
 
 class SnapshotCollector:

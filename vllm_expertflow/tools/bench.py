@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vllm_expertflow.core.files import atomic_path, write_text_atomically
 from vllm_expertflow.tools.engine_runs import (
     DEMO_MODEL,
     DEMO_PREDICTORS,
@@ -363,9 +364,9 @@ def write_results(args, rows: list[dict], offline: list[dict]) -> None:
         "online": rows,
         "offline": offline,
     }
-    _write_atomically(args.out / "results.json", json.dumps(results, indent=1))
+    write_text_atomically(args.out / "results.json", json.dumps(results, indent=1))
     markdown = render_markdown(results)
-    _write_atomically(args.out / "results.md", markdown)
+    write_text_atomically(args.out / "results.md", markdown)
     plot(rows, args.out / "bench.png", results["link"])
     print(markdown)
 
@@ -441,13 +442,6 @@ def plot(rows: list[dict], path: Path, link: str) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

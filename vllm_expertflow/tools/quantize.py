@@ -98,6 +98,7 @@ def write_dequantized(quantized: Path, out: Path) -> None:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from safetensors.torch import load_file, save_file
 
+    from vllm_expertflow.core.files import atomic_path
     from vllm_expertflow.integration.quantized_moe_method import dequantize_packed
 
     config = json.loads((quantized / "config.json").read_text())
@@ -118,13 +119,11 @@ def write_dequantized(quantized: Path, out: Path) -> None:
             )
         elif not any(name.endswith(s) for s in ("_scale", "_shape", "_zero_point")):
             dense[name] = tensor
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for path in quantized.iterdir():
-        if path.suffix != ".safetensors" and path.name != "config.json" and path.is_file():
-            shutil.copy(path, tmp / path.name)
-    (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    save_file(dense, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp_name:
+        tmp = Path(tmp_name)
+        tmp.mkdir(parents=True)
+        for path in quantized.iterdir():
+            if path.suffix != ".safetensors" and path.name != "config.json" and path.is_file():
+                shutil.copy(path, tmp / path.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        save_file(dense, str(tmp / "model.safetensors"), metadata={"format": "pt"})

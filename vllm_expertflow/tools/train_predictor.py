@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from vllm_expertflow.core.files import write_text_atomically
 from vllm_expertflow.core.predictor import (
     ExpertPredictor,
     LearnedPredictor,
@@ -118,9 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.hot_experts_out:
         args.hot_experts_out.parent.mkdir(parents=True, exist_ok=True)
         hot = most_routed_experts(manifest, train, count=len(manifest["layers"]) * 10**6)
-        tmp = args.hot_experts_out.with_name(f".{args.hot_experts_out.name}.tmp")
-        tmp.write_text(json.dumps([list(key) for key in hot]))
-        os.replace(tmp, args.hot_experts_out)
+        write_text_atomically(args.hot_experts_out, json.dumps([list(key) for key in hot]))
     logger.info("training %s predictor on %d tokens", args.kind, len(train["request_ids"]))
     predictor = build_predictor(args, manifest, train)
     save_predictor(predictor, str(args.out))

@@ -1,0 +1,36 @@
+"""Writing files so that a reader sees the old content or the new, never half of either."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary name beside `path` to write to; renamed onto `path` when the block succeeds
+    and removed when it fails. Works for a file or a folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield str(tmp)
+        if path.is_dir() and tmp.is_dir():
+            shutil.rmtree(path)  # a folder cannot be renamed onto a non-empty one
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomically(path: str | os.PathLike, text: str, durable: bool = False) -> None:
+    """`durable` also flushes the file to the disk before the rename (for manifests)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())

@@ -68,10 +68,8 @@ def test_untrained_learned_predictor_is_the_gate_predictor():
     hidden = torch.randn(5, H)
     topk = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [0, 7]])
     gate = GatePredictor(gates, max_depth=2)
-    for hidden_units, routed, layers in ((0, False, 1), (8, True, 1), (8, True, 2)):
-        learned = LearnedPredictor(
-            gates, 2, hidden_units=hidden_units, routed_features=routed, hidden_layers=layers
-        )
+    for hidden_units, routed in ((0, False), (8, True)):
+        learned = LearnedPredictor(gates, 2, hidden_units=hidden_units, routed_features=routed)
         for layer, depth in ((0, 1), (0, 2), (1, 1)):
             expected = gate.scores(layer, depth, hidden, topk)
             assert torch.allclose(learned.scores(layer, depth, hidden, topk), expected)
@@ -119,34 +117,6 @@ def test_save_load_round_trip_for_both_kinds(tmp_path):
         for depth in (1, 2):
             expected = predictor.scores(0, depth, probe_hidden, probe_topk)
             assert torch.allclose(loaded.scores(0, depth, probe_hidden, probe_topk), expected)
-
-
-def test_two_hidden_layer_heads_round_trip(tmp_path):
-    hidden, topk, gates = linear_routing(300)
-    _, tensors = write_trace(tmp_path / "trace", hidden, topk)
-    learned = LearnedPredictor(gates, 1, hidden_units=4, routed_features=True, hidden_layers=2)
-    learned.fit(tensors, epochs=1, progress=False)
-    path = str(tmp_path / "p.safetensors")
-    save_predictor(learned, path)
-    loaded = load_predictor(path, None)
-    assert loaded.hidden_layers == 2
-    probe_hidden, probe_topk = tensors["hidden.0"][:7].float(), tensors["topk_ids.0"][:7]
-    expected = learned.scores(0, 1, probe_hidden, probe_topk)
-    assert torch.allclose(loaded.scores(0, 1, probe_hidden, probe_topk), expected)
-
-
-def test_a_file_without_hidden_layers_loads_as_one_hidden_layer(tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    _, _, gates = linear_routing(1)
-    path = str(tmp_path / "p.safetensors")
-    save_predictor(LearnedPredictor(gates, 1, hidden_units=4, routed_features=True), path)
-    with safe_open(path, framework="pt") as f:
-        metadata = {k: v for k, v in f.metadata().items() if k != "hidden_layers"}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    save_file(tensors, path, metadata=metadata)  # as written before the option existed
-    assert load_predictor(path, None).hidden_layers == 1
 
 
 def test_load_refuses_a_predictor_of_another_model(tmp_path):

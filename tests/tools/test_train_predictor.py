@@ -65,11 +65,10 @@ def test_train_predictor_writes_a_loadable_file(tmp_path, model_dir, kind, caplo
     out = tmp_path / "p.safetensors"
     args = ["train-predictor", "--traces", str(tmp_path / "train"), "--out", str(out)]
     with caplog.at_level(logging.INFO):
-        assert main([*args, "--kind", kind, "--epochs", "2", "--hidden-layers", "2"]) == 0
+        assert main([*args, "--kind", kind, "--epochs", "2"]) == 0
     predictor = load_predictor(str(out), model_metadata(model_dir)["config_hash"])
     expected = LearnedPredictor if kind == "learned" else TransitionPredictor
     assert isinstance(predictor, expected) and predictor.max_depth == 2
-    assert kind != "learned" or predictor.hidden_layers == 2
     assert "held-out recall@2 at depth 1" in caplog.text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

@@ -166,7 +166,6 @@ class _Head(torch.nn.Module):
         num_source_experts: int,
         hidden_units: int = 0,
         routed_features: bool = False,
-        hidden_layers: int = 1,
     ) -> None:
         super().__init__()
         num_experts, hidden_size = gate.shape
@@ -182,7 +181,11 @@ class _Head(torch.nn.Module):
         if hidden_units:
             extra = num_source_experts if routed_features else 0
             self.norm = torch.nn.LayerNorm(hidden_size)
-            self.mlp = _mlp(hidden_size + extra, hidden_units, hidden_layers, num_experts)
+            self.mlp = torch.nn.Sequential(
+                torch.nn.Linear(hidden_size + extra, hidden_units),
+                torch.nn.GELU(),
+                torch.nn.Linear(hidden_units, num_experts),
+            )
             torch.nn.init.zeros_(self.mlp[-1].weight)
             torch.nn.init.zeros_(self.mlp[-1].bias)
 
@@ -196,20 +199,12 @@ class _Head(torch.nn.Module):
         return out
 
 
-def _mlp(inputs: int, units: int, layers: int, outputs: int) -> torch.nn.Sequential:
-    """`layers` hidden layers of `units` GELUs; one hidden layer keeps the original key names."""
-    modules: list[torch.nn.Module] = []
-    for i in range(layers):
-        modules += [torch.nn.Linear(inputs if i == 0 else units, units), torch.nn.GELU()]
-    return torch.nn.Sequential(*modules, torch.nn.Linear(units, outputs))
-
-
 class LearnedPredictor(ExpertPredictor):
     """A small trained head per (layer, depth), initialised from the target layer's gate.
 
-    `hidden_units` > 0 adds a residual MLP of `hidden_layers` hidden layers; `routed_features`
-    adds layer L's routed-expert multi-hot as an input (layer L's MoE output, which depends on
-    that choice, is part of what layer L+1's router sees).
+    `hidden_units` > 0 adds a one-hidden-layer residual MLP; `routed_features` adds layer L's
+    routed-expert multi-hot as an input (layer L's MoE output, which depends on that choice,
+    is part of what layer L+1's router sees).
     """
 
     def __init__(
@@ -219,12 +214,10 @@ class LearnedPredictor(ExpertPredictor):
         hidden_units: int = 0,
         routed_features: bool = False,
         origin: dict[str, str] | None = None,
-        hidden_layers: int = 1,
     ) -> None:
         super().__init__(sorted(gates), max_depth)
         self.hidden_units = hidden_units
         self.routed_features = routed_features
-        self.hidden_layers = hidden_layers
         self.origin = dict(origin or {})
         self.num_experts = next(iter(gates.values())).shape[0]
         self.heads = torch.nn.ModuleDict()
@@ -240,11 +233,7 @@ class LearnedPredictor(ExpertPredictor):
                 target = self.target_layer(layer, depth)
                 if target is not None:
                     self.heads[_head_name(layer, depth)] = _Head(
-                        gates[target],
-                        self.num_experts,
-                        self.hidden_units,
-                        self.routed_features,
-                        self.hidden_layers,
+                        gates[target], self.num_experts, self.hidden_units, self.routed_features
                     )
 
     def scores(
@@ -436,7 +425,6 @@ def _learned_state(p: LearnedPredictor) -> tuple[dict, dict]:
         "hidden_size": head.linear.in_features,
         "hidden_units": p.hidden_units,
         "routed_features": p.routed_features,
-        "hidden_layers": p.hidden_layers,
     }
     return tensors, extra
 
@@ -444,14 +432,8 @@ def _learned_state(p: LearnedPredictor) -> tuple[dict, dict]:
 def _load_learned(tensors, layers, max_depth, meta, origin) -> LearnedPredictor:
     # Placeholder gates give the heads their shapes; the state dict then overwrites them.
     gates = {layer: torch.zeros(meta["num_experts"], meta["hidden_size"]) for layer in layers}
-    # Files from before `hidden_layers` existed all had one hidden layer.
     predictor = LearnedPredictor(
-        gates,
-        max_depth,
-        meta["hidden_units"],
-        meta["routed_features"],
-        origin,
-        meta.get("hidden_layers", 1),
+        gates, max_depth, meta["hidden_units"], meta["routed_features"], origin
     )
     predictor.heads.load_state_dict({k.removeprefix("heads."): v for k, v in tensors.items()})
     return predictor

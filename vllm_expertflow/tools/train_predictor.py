@@ -38,7 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-depth", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--hidden-units", type=int, default=256, help="0: linear heads")
-    parser.add_argument("--hidden-layers", type=int, default=1, help="hidden layers per head")
     parser.add_argument(
         "--routed-features",
         action=argparse.BooleanOptionalAction,
@@ -89,7 +88,6 @@ def build_predictor(
         args.hidden_units,
         args.routed_features,
         origin={"model": str(manifest["model"]), "config_hash": manifest["config_hash"]},
-        hidden_layers=args.hidden_layers,
     )
     predictor.fit(
         tensors, args.epochs, args.lr, args.batch_size, args.loss, args.seed, progress=True

@@ -100,7 +100,7 @@ class LFUPolicy(_RecencyOrder):
         return min(candidates, key=lambda s: self._counts[self._order[s]], default=None)
 
 
-class PredictivePolicy(EvictionPolicy):
+class PredictivePolicy(_RecencyOrder):
     """Evicts the expert whose predicted next use is furthest away.
 
     The prefetcher feeds `predict(key, score)` with how soon each expert is expected (higher is
@@ -109,7 +109,7 @@ class PredictivePolicy(EvictionPolicy):
 
     def __init__(self, layer_share: int | None = None) -> None:
         # Predictions already say which layer needs what next: no share is imposed.
-        self._recency = LRUPolicy()
+        super().__init__(layer_share=None)
         self._score: dict[ExpertKey, float] = {}
 
     def predict(self, key: ExpertKey, score: float) -> None:
@@ -119,16 +119,9 @@ class PredictivePolicy(EvictionPolicy):
         """Predictions for a layer expire once that layer has run."""
         self._score = {k: v for k, v in self._score.items() if k[0] != layer}
 
-    def record_access(self, slot: int, key: ExpertKey) -> None:
-        self._recency.record_access(slot, key)
-
-    def forget(self, slot: int) -> None:
-        self._recency.forget(slot)
-
     def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
-        order = self._recency._order
-        candidates = [s for s in order if is_evictable(s)]
-        return min(candidates, key=lambda s: self._score.get(order[s], 0.0), default=None)
+        candidates = self.candidates(is_evictable, incoming)
+        return min(candidates, key=lambda s: self._score.get(self._order[s], 0.0), default=None)
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {

@@ -2,8 +2,6 @@
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,16 +10,11 @@ import pytest
 import requests
 from conftest import MAX_NUM_BATCHED_TOKENS
 
+from vllm_expertflow.serving.replica import EngineProcess, free_port
 from vllm_expertflow.tools.engine_runs import DEMO_MODEL
 
 pytestmark = pytest.mark.engine
 STARTUP_SECONDS = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,25 +50,13 @@ def server(tmp_path_factory):
         "--port",
         str(port),
     ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    engine = EngineProcess(command, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, str(log))
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            assert process.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"server not up:\n{log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
+        engine.wait_until_up(base, STARTUP_SECONDS)
         yield base
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        engine.stop()
 
 
 def test_completions_over_http_match_stock(server, prompts, stock_run):

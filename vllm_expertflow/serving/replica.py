@@ -87,6 +87,22 @@ class EngineProcess:
         started.set()
         self.process.wait()
 
+    def wait_until_up(self, base: str, seconds: float = STARTUP_SECONDS) -> None:
+        """Returns once `base`/health answers; raises with the log's tail if the server exits
+        or is not up within `seconds` (and then stops it)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"engine exited\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"engine not up after {seconds:.0f} s\n{self.log_tail()}")
+
     def log_tail(self, chars: int = 3000) -> str:
         return Path(self.log_path).read_text(errors="replace")[-chars:]
 
@@ -122,26 +138,15 @@ class EngineReplica:
         command = [str(Path(sys.executable).with_name("vllm")), "serve", model, *serve_args]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.engine = EngineProcess(command, env, os.path.join(self.workdir, "server.log"))
-        self._wait_until_up()
+        try:
+            self.engine.wait_until_up(self.base)
+        except RuntimeError as error:
+            raise RuntimeError(f"replica {index}: {error}") from None
         # Generation can take long under load; only connecting is expected to be quick.
         self.client = httpx.AsyncClient(
             base_url=self.base, timeout=httpx.Timeout(None, connect=10.0)
         )
         logger.info("replica %d: engine up at %s (logs in %s)", index, self.base, self.workdir)
-
-    def _wait_until_up(self) -> None:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            if self.engine.process.poll() is not None:
-                raise RuntimeError(f"replica {self.index}: engine exited\n{self.engine.log_tail()}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        self.engine.stop()
-        raise RuntimeError(f"replica {self.index}: engine not up\n{self.engine.log_tail()}")
 
     async def forward(self, method: str, path: str, body: bytes | None) -> Forwarded:
         """Send one request to the engine; `EngineUnreachable` when no response came back."""

@@ -1,10 +1,12 @@
 """Offline batch generation with experts offloaded to a disk store.
 
 Keeps a quarter of the demo model's routed experts resident; the rest are read from disk on
-demand. Run: .venv/bin/python examples/offline_demo.py
+demand. Run: .venv/bin/python examples/offline_demo.py [MODEL]
+(MODEL defaults to the demo model; an int4 checkpoint from `vllm-expertflow quantize` works too.)
 """
 
 import os
+import sys
 
 from vllm import LLM, SamplingParams
 
@@ -20,8 +22,9 @@ PROMPTS = [
 
 if __name__ == "__main__":  # vLLM spawns engine processes: the guard is required
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model = sys.argv[1] if len(sys.argv) > 1 else str(DEMO_MODEL)
     llm = LLM(
-        str(DEMO_MODEL),
+        model,
         moe_backend="expertflow",
         additional_config={"expertflow": {"cache_fraction": 0.25, "store": "disk"}},
         max_model_len=512,

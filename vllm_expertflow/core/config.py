@@ -48,20 +48,12 @@ class OffloadConfig:
                 f"expertflow: cache_fraction={self.cache_fraction!r} is invalid; "
                 "use a number in (0, 1], the share of routed experts kept resident"
             )
-        if self.cache_experts is not None and not (
-            isinstance(self.cache_experts, int)
-            and not isinstance(self.cache_experts, bool)
-            and self.cache_experts > 0
-        ):
+        if self.cache_experts is not None and not _is_positive_int(self.cache_experts):
             raise ExpertFlowConfigError(
                 f"expertflow: cache_experts={self.cache_experts!r} is invalid; "
                 "use a positive integer number of expert slots"
             )
-        if self.cache_bytes is not None and not (
-            isinstance(self.cache_bytes, int)
-            and not isinstance(self.cache_bytes, bool)
-            and self.cache_bytes > 0
-        ):
+        if self.cache_bytes is not None and not _is_positive_int(self.cache_bytes):
             raise ExpertFlowConfigError(
                 f"expertflow: cache_bytes={self.cache_bytes!r} is invalid; "
                 "use a positive integer number of bytes for the expert pool"
@@ -135,6 +127,11 @@ class OffloadConfig:
     @property
     def resolved_store_dir(self) -> str:
         return os.path.abspath(os.path.expanduser(self.store_dir))
+
+
+def _is_positive_int(value: object) -> bool:
+    # bool is an int subclass, but `True` slots or bytes is a typo, not a size.
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

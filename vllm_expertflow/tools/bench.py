@@ -111,16 +111,8 @@ def run(args: argparse.Namespace) -> int:
         with open_engine(
             "auto", None, args.model, enforce_eager=False, enable_prefix_caching=False
         ) as llm:
-            for batch in batches:
-                rows.append(
-                    {
-                        "policy": "stock",
-                        "format": "bf16",
-                        "cache_fraction": 1.0,
-                        "batch": batch,
-                        **measure(llm, prompts[:batch], args, with_stats=False),
-                    }
-                )
+            labels = {"policy": "stock", "format": "bf16", "cache_fraction": 1.0}
+            rows += measured_rows(llm, prompts, batches, args, labels, with_stats=False)
     online = [p for p in policies if p in ONLINE]
     trace_dir = args.out / "trace"
     if online:
@@ -182,16 +174,8 @@ def run_expertflow(args, prompts, budgets, batches, online, trace_dir) -> list[d
         record_trace(llm, prompts, args, trace_dir, model_metadata(args.model))
         for budget, policy in tqdm(configs, desc="expertflow configs", unit="config"):
             vllm_expertflow.reconfigure(llm, policy_options(args, policy, budget))
-            for batch in batches:
-                rows.append(
-                    {
-                        "policy": policy,
-                        "format": "bf16",
-                        "cache_fraction": budget,
-                        "batch": batch,
-                        **measure(llm, prompts[:batch], args, with_stats=True),
-                    }
-                )
+            labels = {"policy": policy, "format": "bf16", "cache_fraction": budget}
+            rows += measured_rows(llm, prompts, batches, args, labels)
     return rows
 
 
@@ -212,17 +196,13 @@ def run_quantized(args, checkpoint: Path, prompts, budgets, batches) -> list[dic
     ) as llm:
         for budget, options in tqdm(sized, desc=f"{fmt} budgets", unit="budget"):
             vllm_expertflow.reconfigure(llm, options)
-            for batch in batches:
-                rows.append(
-                    {
-                        "policy": "lru-ondemand",
-                        "format": fmt,
-                        "cache_fraction": budget,
-                        "cache_bytes": options["cache_bytes"],
-                        "batch": batch,
-                        **measure(llm, prompts[:batch], args, with_stats=True),
-                    }
-                )
+            labels = {
+                "policy": "lru-ondemand",
+                "format": fmt,
+                "cache_fraction": budget,
+                "cache_bytes": options["cache_bytes"],
+            }
+            rows += measured_rows(llm, prompts, batches, args, labels)
     return rows
 
 
@@ -241,6 +221,16 @@ def record_trace(llm, prompts, args, trace_dir: Path, metadata: dict) -> None:
     for prompt in prompts:
         llm.generate([prompt], greedy_params(args.decode_tokens), use_tqdm=False)
     llm.collective_rpc("expertflow_stop_tracing")
+
+
+def measured_rows(
+    llm, prompts: list[str], batches: list[int], args, labels: dict, with_stats: bool = True
+) -> list[dict]:
+    """One result row per batch size, the first `batch` prompts each, tagged with `labels`."""
+    return [
+        {**labels, "batch": batch, **measure(llm, prompts[:batch], args, with_stats)}
+        for batch in batches
+    ]
 
 
 def measure(llm, prompts: list[str], args, with_stats: bool) -> dict:

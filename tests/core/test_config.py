@@ -22,6 +22,9 @@ def test_defaults_are_valid():
         ({"cache_bytes": "1G"}, "cache_bytes"),
         ({"cache_fraction": 0.5, "cache_experts": 8}, "not several"),
         ({"cache_bytes": 2**20, "cache_experts": 8}, "not several"),
+        ({"step": "eager"}, "step"),
+        ({"step": "graph", "store": "disk"}, "store=ram"),
+        ({"step": "graph", "predictor": "gate"}, "predictor=none"),
     ],
 )
 def test_bad_options_get_one_line_naming_the_problem(options, named):
@@ -51,3 +54,23 @@ def test_cache_smaller_than_top_k_is_refused():
         OffloadConfig(cache_experts=3).num_slots(6, 32, 4, 1000)
     with pytest.raises(ExpertFlowConfigError, match="cache_bytes >= 4000"):
         OffloadConfig(cache_bytes=3999).num_slots(6, 32, 4, 1000)
+
+
+def test_auto_step_takes_the_graph_step_only_where_it_can_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert OffloadConfig().resolved_step("cuda", quantized=False) == "graph"
+    assert OffloadConfig().resolved_step("cpu", quantized=False) == "host"
+    assert OffloadConfig().resolved_step("cuda", quantized=True) == "host"
+    assert OffloadConfig(store="disk").resolved_step("cuda", quantized=False) == "host"
+    assert OffloadConfig(predictor="gate").resolved_step("cuda", quantized=False) == "host"
+
+
+def test_graph_step_refuses_quantized_experts_and_a_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    graph = OffloadConfig(step="graph")
+    with pytest.raises(ExpertFlowConfigError, match="quantized experts need step=host"):
+        graph.resolved_step("cuda", quantized=True)
+    with pytest.raises(ExpertFlowConfigError, match="use step=host on a CPU"):
+        graph.resolved_step("cpu", quantized=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert graph.resolved_step("cpu", quantized=False) == "graph"

@@ -1,5 +1,6 @@
 import torch
 
+from vllm_expertflow.core.device_page_table import DevicePageTable
 from vllm_expertflow.core.policy import LRUPolicy
 from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.stats import OffloadStats
@@ -8,7 +9,9 @@ from vllm_expertflow.core.store import ExpertCodec, RamStore, TensorSpec
 NUM_EXPERTS = 8
 
 
-def make_pool(num_slots: int) -> tuple[ExpertPool, dict[int, torch.Tensor]]:
+def make_pool(
+    num_slots: int, mirror: DevicePageTable | None = None
+) -> tuple[ExpertPool, dict[int, torch.Tensor]]:
     store = RamStore(NUM_EXPERTS, pin_memory=False)
     weights = {}
     for layer in range(3):
@@ -16,7 +19,9 @@ def make_pool(num_slots: int) -> tuple[ExpertPool, dict[int, torch.Tensor]]:
         store.write_layer(layer, {"w13": w13, "w2": torch.randn(NUM_EXPERTS, 4, 4)})
         weights[layer] = w13
     store.finish_writing()
-    pool = ExpertPool(store, num_slots, torch.device("cpu"), LRUPolicy(), OffloadStats())
+    pool = ExpertPool(
+        store, num_slots, torch.device("cpu"), LRUPolicy(), OffloadStats(), mirror=mirror
+    )
     return pool, weights
 
 
@@ -99,3 +104,50 @@ def test_a_codec_decodes_compressed_records_into_slots_and_loads_count_stored_by
     assert torch.equal(pool.w13[slots[0]], codes[6].float() * scale[6])
     assert torch.equal(pool.w2[slots[0]], codes[6, :4].float() * scale[6])
     assert pool.stats.layer(0).bytes_loaded == 8 * 4 + 4 * 4 + 4  # the record, not the slot
+
+
+def mirrored_pool(num_slots: int) -> tuple[ExpertPool, dict[int, torch.Tensor]]:
+    return make_pool(num_slots, DevicePageTable(3, NUM_EXPERTS, "cpu"))
+
+
+def assert_mirror_matches_page_table(pool: ExpertPool) -> None:
+    pool.drain()
+    expected = torch.full((3, NUM_EXPERTS), -1, dtype=torch.int32)
+    for layer, expert in pool.table.resident_keys():
+        expected[layer, expert] = pool.table.lookup((layer, expert))
+    assert torch.equal(pool.mirror.to_host(), expected)
+
+
+def test_the_mirror_follows_loads_prefetches_and_evictions():
+    pool, _ = mirrored_pool(3)
+    pool.release(pool.ensure_resident(0, [1, 2]))
+    pool.prefetch(1, 4)
+    assert_mirror_matches_page_table(pool)
+    pool.release(pool.ensure_resident(2, [5, 6]))  # evicts two of the three
+    assert_mirror_matches_page_table(pool)
+    assert (pool.mirror.to_host() >= 0).sum() == 3
+
+
+def test_admit_books_a_finished_step_and_loads_its_misses_in_the_background():
+    pool, weights = mirrored_pool(4)
+    pool.admit(0, [1, 2])
+    assert_mirror_matches_page_table(pool)
+    slot = int(pool.mirror.row(0)[2])
+    assert torch.equal(pool.w13[slot], weights[0][2])
+    pool.admit(0, [2, 3])
+    stats = pool.stats.layer(0)
+    assert (stats.hits, stats.misses, stats.stall_seconds) == (1, 3, 0.0)
+    pool.drain()
+    assert stats.bytes_loaded == 3 * pool.store.layout.nbytes
+
+
+def test_admit_loads_only_what_fits_beside_pinned_slots():
+    pool, _ = mirrored_pool(3)
+    first = pool.ensure_resident(0, [0, 1])  # a step still running keeps two slots pinned
+    pool.admit(1, [4, 5, 6])
+    pool.drain()
+    assert pool.table.lookup((1, 4)) is not None
+    assert pool.table.lookup((1, 5)) is None and pool.table.lookup((1, 6)) is None
+    assert pool.stats.layer(1).misses == 3
+    pool.release(first)
+    assert_mirror_matches_page_table(pool)

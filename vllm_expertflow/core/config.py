@@ -12,6 +12,10 @@ from .policy import POLICIES
 
 STORES = ("ram", "disk")
 PREDICTORS = ("none", "gate")
+# host: the host books every lookup and loads misses before the kernel (waits on a miss).
+# graph: a miss is read from the pinned host store inside the kernel; the host books lookups
+# and loads misses between steps, so a decode step has no host sync and fits a CUDA graph.
+STEPS = ("auto", "host", "graph")
 DEFAULT_CACHE_FRACTION = 0.5
 DEFAULT_STORE_DIR = os.path.join("~", ".cache", "vllm-expertflow", "stores")
 
@@ -32,6 +36,7 @@ class OffloadConfig:
     prefetch_depth: int = 1
     link_gbps: float | None = None
     static_experts: str | None = None
+    step: str = "auto"
 
     def __post_init__(self) -> None:
         sizes = [self.cache_fraction, self.cache_experts, self.cache_bytes]
@@ -60,6 +65,7 @@ class OffloadConfig:
             )
         _check_choice("store", self.store, STORES)
         _check_choice("policy", self.policy, tuple(POLICIES))
+        _check_choice("step", self.step, STEPS)
         if not isinstance(self.predictor, str) or not (
             self.predictor in PREDICTORS or self.predictor.endswith(".safetensors")
         ):
@@ -86,6 +92,11 @@ class OffloadConfig:
             raise ExpertFlowConfigError(
                 "expertflow: policy=static and static_experts go together; static_experts is a "
                 "JSON file of [layer, expert] pairs, hottest first (bench writes one)"
+            )
+        if self.step == "graph" and (self.store != "ram" or self.predictor != "none"):
+            raise ExpertFlowConfigError(
+                "expertflow: step=graph reads misses from pinned host memory and loads them "
+                "between steps, so it needs store=ram and predictor=none; use step=host otherwise"
             )
         if not isinstance(self.store_dir, str) or not self.store_dir:
             raise ExpertFlowConfigError(
@@ -124,9 +135,30 @@ class OffloadConfig:
             )
         return min(slots, total)
 
+    def resolved_step(self, device_type: str, quantized: bool) -> str:
+        """`host` or `graph`; `auto` takes the graph step wherever it can run."""
+        if self.step == "auto":
+            graph_ok = self.store == "ram" and self.predictor == "none" and not quantized
+            return "graph" if device_type == "cuda" and graph_ok else "host"
+        if self.step == "graph" and quantized:
+            raise ExpertFlowConfigError(
+                "expertflow: step=graph reads bf16 experts from host memory in its kernel; "
+                "quantized experts need step=host"
+            )
+        if self.step == "graph" and device_type != "cuda" and not _triton_interprets():
+            raise ExpertFlowConfigError(
+                "expertflow: step=graph runs Triton kernels, which on a CPU only run in Triton's "
+                "interpreter (TRITON_INTERPRET=1, for tests); use step=host on a CPU"
+            )
+        return self.step
+
     @property
     def resolved_store_dir(self) -> str:
         return os.path.abspath(os.path.expanduser(self.store_dir))
+
+
+def _triton_interprets() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _is_positive_int(value: object) -> bool:

@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from .device_page_table import DevicePageTable
 from .link import EmulatedLink
 from .page_table import PageTable, PoolExhaustedError
 from .policy import EvictionPolicy, ExpertKey
@@ -56,7 +57,9 @@ class ExpertPool:
         io_threads: int = 1,
         link: EmulatedLink | None = None,
         codec: ExpertCodec | None = None,
+        mirror: DevicePageTable | None = None,
     ) -> None:
+        """`mirror`, when given, is kept equal to the page table for kernels that read it."""
         assert store.layout is not None, "the pool is built after the store is written"
         self.store = store
         self.codec = codec or ExpertCodec()
@@ -64,6 +67,7 @@ class ExpertPool:
         self.stats = stats
         self.policy = policy
         self.table = PageTable(num_slots, policy)
+        self.mirror = mirror
         w13, w2 = self.codec.slot_specs(store.layout)
         self.w13 = torch.empty((num_slots, *w13.shape), dtype=w13.dtype, device=device)
         self.w2 = torch.empty((num_slots, *w2.shape), dtype=w2.dtype, device=device)
@@ -121,6 +125,28 @@ class ExpertPool:
         self.stats.record_prefetch(layer)
         return True
 
+    def admit(self, layer: int, experts: list[int]) -> None:
+        """Books a step that already ran and starts loading the experts it missed; never waits.
+
+        For kernels that served the misses straight from the store (the graph step): hits are
+        touched, misses load in the background into slots no step has pinned, as many as fit.
+        """
+        self._reap_finished_loads()
+        misses = []
+        for expert in experts:
+            slot = self.table.lookup((layer, expert))
+            if slot is None:
+                misses.append(expert)
+                continue
+            self.table.touch(slot)
+        self.stats.record_lookups(layer, len(experts) - len(misses), len(misses))
+        for expert in misses:
+            try:
+                slot = self._allocate((layer, expert))
+            except PoolExhaustedError:
+                return
+            self._loading[slot] = self._load(layer, expert, slot, background=True)
+
     def pin_permanently(self, keys: list[ExpertKey]) -> None:
         """Loads `keys` and keeps them resident for the pool's lifetime (a static hot set)."""
         for layer, expert in keys:
@@ -160,6 +186,10 @@ class ExpertPool:
         """A pinned slot for `key`; counts an evicted, never-used prefetch as waste."""
         slot, evicted = self.table.allocate(key)
         self.table.pin(slot)
+        if evicted is not None and self.mirror is not None:
+            # On the compute stream, before the copy stream (which waits for it) overwrites
+            # the slot: a kernel queued after this reads the expert from the store instead.
+            self.mirror.clear(*evicted)
         if evicted is not None and slot in self._unused_prefetches:
             self._unused_prefetches.discard(slot)
             self.stats.record_wasted_prefetch(evicted[0])
@@ -199,6 +229,10 @@ class ExpertPool:
     def _copy_in(self, layer: int, expert: int, slot: int) -> None:
         start = time.perf_counter()
         self.codec.decode(self.store.read_expert(layer, expert), self.w13[slot], self.w2[slot])
+        if self.mirror is not None:
+            # Queued behind the copy (same stream or thread): kernels see the slot once it holds
+            # the expert, and read the store until then.
+            self.mirror.set(layer, expert, slot)
         if self.link is not None:
             self.link.transfer(self.store.layout.nbytes)
         seconds = time.perf_counter() - start

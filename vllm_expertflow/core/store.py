@@ -147,3 +147,7 @@ class RamStore(ExpertStore):
 
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return {name: t[expert] for name, t in self._weights[layer].items()}
+
+    def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """One layer's tensors `[num_experts, ...]`, at a fixed address for zero-copy kernels."""
+        return self._weights[layer]

@@ -76,7 +76,11 @@ def _validate_options_on_config_creation() -> None:
         original(self)
         if self.kernel_config.moe_backend != BACKEND_NAME:
             return
-        OffloadConfig.from_dict((self.additional_config or {}).get("expertflow"))
+        options = OffloadConfig.from_dict((self.additional_config or {}).get("expertflow"))
+        options.resolved_step(
+            self.device_config.device_type,
+            quantized=self.model_config is not None and self.model_config.quantization is not None,
+        )
         if self.model_config is not None:
             check_checkpoint(
                 self.model_config.quantization,

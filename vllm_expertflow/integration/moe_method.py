@@ -23,12 +23,14 @@ it replaces that class for every layer once the plugin is loaded, so it must sta
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import torch
 from torch.library import Library
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
 from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
     convert_to_unquantized_kernel_format,
@@ -118,7 +120,17 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self.runtime is None:
             return super().process_weights_after_loading(layer)
-        self.store_layer(layer, lambda: self.to_kernel_layout(layer.w13_weight, layer.w2_weight))
+        if self.runtime.step == "graph":
+            if layer.activation != MoEActivation.SILU or layer.apply_router_weight_on_input:
+                raise ExpertFlowConfigError(
+                    "expertflow: step=graph's kernel computes SiLU-gated experts weighted on "
+                    "their outputs; use step=host for this model"
+                )
+            # The graph step's own kernel reads the checkpoint layout, in the pool and the store.
+            stored = lambda: {"w13": layer.w13_weight.data, "w2": layer.w2_weight.data}  # noqa: E731
+        else:
+            stored = lambda: self.to_kernel_layout(layer.w13_weight, layer.w2_weight)  # noqa: E731
+        self.store_layer(layer, stored)
         replace_parameter(layer, "w13_weight", torch.empty(0, dtype=layer.w13_weight.dtype))
         replace_parameter(layer, "w2_weight", torch.empty(0, dtype=layer.w2_weight.dtype))
 
@@ -186,6 +198,13 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         runtime, pool = self.runtime, self.runtime.pool
         if runtime.tracer is not None:
             runtime.tracer.record(self.layer_index, x, topk_ids)
+        if runtime.step == "graph":
+            return self._run_graph_step(x, topk_weights, topk_ids)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ExpertFlowConfigError(
+                "expertflow: step=host waits for loads on the host, which a CUDA graph cannot "
+                "capture; use step=graph (ram store, bf16 experts, no predictor) or enforce_eager"
+            )
         # Counting hot-set experts against the free slots too is conservative but always fits.
         rounds = plan_rounds(topk_ids, pool.step_capacity)
         if len(rounds) == 1:
@@ -202,6 +221,46 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
                 layer, x[tokens], topk_weights[tokens], topk_ids[tokens], experts, slots
             )
         return output
+
+    def _run_graph_step(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The kernel reads each expert from its slot or, on a miss, from the pinned host store.
+
+        No host sync and fixed shapes, so vLLM can capture it in a CUDA graph: the step only
+        marks which experts it used, and the runtime books them and loads the misses before
+        the next step. An uncaptured prefill first loads what fits, so its chunks read the pool
+        rather than the link.
+        """
+        # Imported on first use: Triton decides when a kernel module is imported whether to
+        # run it in its interpreter (TRITON_INTERPRET=1, how a CPU runs this step in tests).
+        from vllm_expertflow.kernels.fused_moe_uva import MAX_TOKENS, fused_moe_uva
+
+        runtime, pool = self.runtime, self.runtime.pool
+        num_tokens = x.shape[0]
+        if num_tokens > MAX_TOKENS and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            pool.admit(self.layer_index, topk_ids.unique().tolist())
+            start = time.perf_counter()
+            pool.drain()
+            runtime.stats.record_stall(self.layer_index, time.perf_counter() - start)
+        else:
+            runtime.routing_log.record(self.layer_index, topk_ids)
+        host = runtime.store.layer_tensors(self.layer_index)
+        row = pool.mirror.row(self.layer_index)
+        chunks = [
+            fused_moe_uva(
+                x[start : start + MAX_TOKENS],
+                topk_ids[start : start + MAX_TOKENS],
+                topk_weights[start : start + MAX_TOKENS],
+                row,
+                pool.w13,
+                pool.w2,
+                host["w13"],
+                host["w2"],
+            )
+            for start in range(0, num_tokens, MAX_TOKENS)
+        ]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def _run_kernel(
         self,

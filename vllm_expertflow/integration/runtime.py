@@ -19,18 +19,21 @@ import torch
 from vllm.config import VllmConfig
 
 from vllm_expertflow.core.config import ExpertFlowConfigError, OffloadConfig
+from vllm_expertflow.core.device_page_table import DevicePageTable
 from vllm_expertflow.core.disk_store import DiskStore
 from vllm_expertflow.core.link import EmulatedLink
 from vllm_expertflow.core.policy import make_policy
 from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.predictor import GatePredictor, load_predictor
 from vllm_expertflow.core.prefetcher import Prefetcher
+from vllm_expertflow.core.routing_log import RoutingLog
 from vllm_expertflow.core.stats import OffloadStats
 from vllm_expertflow.core.store import ExpertCodec, ExpertStore, RamStore
 from vllm_expertflow.core.tracer import RoutingTracer
 
 from .checkpoint import config_hash, load_gate_weights
 from .metrics import SnapshotWriter
+from .runner_patch import before_each_step
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,10 @@ class OffloadRuntime:
         self.codec = ExpertCodec()
         self.pool: ExpertPool | None = None
         self.prefetcher: Prefetcher | None = None
+        # Both known once the first layer registers with its expert format.
+        self.quantized = False
+        self.step = "host"
+        self.routing_log: RoutingLog | None = None
         self.tracer: RoutingTracer | None = None
         self.metrics = SnapshotWriter()
         atexit.register(self.shutdown)
@@ -85,8 +92,12 @@ class OffloadRuntime:
         `codec` expands stored records into slots (a plain copy when None).
         """
         if self.store is None:
+            self.quantized = codec is not None
+            self.step = self.config.resolved_step(self.device.type, self.quantized)
             self.store = self._make_store(num_experts, store_format)
             self.codec = codec or ExpertCodec()
+            if self.step == "graph":
+                before_each_step(self.book_last_step)
         assert num_experts == self.store.num_experts, "expertflow needs equal expert counts"
         self._top_k = max(self._top_k, top_k)
         self._layers.add(layer)
@@ -113,6 +124,13 @@ class OffloadRuntime:
             self.config.resolved_store_dir,
         ):
             raise ExpertFlowConfigError("expertflow: reconfigure cannot change store or store_dir")
+        if config.resolved_step(self.device.type, self.quantized) != self.step:
+            raise ExpertFlowConfigError(f"expertflow: reconfigure cannot change step={self.step}")
+        if self.step == "graph" and self.device.type == "cuda":
+            raise ExpertFlowConfigError(
+                "expertflow: captured CUDA graphs hold the pool's addresses, so step=graph "
+                "cannot rebuild it; start another engine to change the pool"
+            )
         old_slots = self.pool.num_slots
         self.pool.close()
         self.config = config
@@ -131,6 +149,11 @@ class OffloadRuntime:
         link = EmulatedLink(self.config.link_gbps) if self.config.link_gbps else None
         self.stats = OffloadStats()
         self.pool = None  # the old slots go before the new ones are allocated
+        mirror = None
+        if self.step == "graph":
+            layers = sorted(self._layers)
+            mirror = DevicePageTable(layers, self.store.num_experts, self.device)
+            self.routing_log = RoutingLog(layers, self.store.num_experts, self.device)
         self.pool = ExpertPool(
             self.store,
             num_slots,
@@ -139,13 +162,14 @@ class OffloadRuntime:
             self.stats,
             link=link,
             codec=self.codec,
+            mirror=mirror,
         )
         self.prefetcher = self._make_prefetcher()
         if self.config.static_experts is not None:
             self.pool.pin_permanently(self._static_hot_set(num_slots))
         logger.info(
             "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %.1f KiB "
-            "read per load, %s store%s, policy %s, predictor %s)",
+            "read per load, %s store%s, policy %s, predictor %s, %s step)",
             num_slots,
             num_layers,
             self.store.num_experts,
@@ -157,7 +181,15 @@ class OffloadRuntime:
             else "",
             self.config.policy,
             self.config.predictor,
+            self.step,
         )
+
+    def book_last_step(self) -> None:
+        """Graph step, between engine steps: books the last forward's routing, loads its misses."""
+        if self.pool is None:
+            return
+        for layer, experts in self.routing_log.collect().items():
+            self.pool.admit(layer, experts)
 
     def _static_hot_set(self, num_slots: int) -> list[tuple[int, int]]:
         """The hottest experts that leave one token's worth of slots free for misses."""

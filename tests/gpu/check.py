@@ -58,8 +58,11 @@ from vllm_expertflow.kernels.prefetch_list import (  # noqa: E402
 from vllm_expertflow.kernels.remap import remap_topk, remap_topk_reference  # noqa: E402
 
 from vllm_expertflow.core.device_page_table import DevicePageTable  # noqa: E402
-from vllm_expertflow.core.page_table import PageTable  # noqa: E402
 from vllm_expertflow.core.policy import LRUPolicy  # noqa: E402
+from vllm_expertflow.core.pool import ExpertPool  # noqa: E402
+from vllm_expertflow.core.routing_log import RoutingLog  # noqa: E402
+from vllm_expertflow.core.stats import OffloadStats  # noqa: E402
+from vllm_expertflow.core.store import RamStore  # noqa: E402
 
 
 class CheckFailed(AssertionError):
@@ -180,6 +183,7 @@ def check_correctness(device: torch.device, gen: torch.Generator, moe_shapes) ->
     check_remap(device, gen)
     check_prefetch_list(device, gen)
     check_fused_moe(device, gen, moe_shapes)
+    check_decode_loop(device.type, gen)
     if device.type == "cuda":
         check_fused_moe_graph(device, gen)
 
@@ -188,13 +192,15 @@ def check_correctness(device: torch.device, gen: torch.Generator, moe_shapes) ->
 
 
 def _bandwidth(copy, nbytes: int, repeats: int = 3) -> float:
-    """Best GB/s of `copy()` over a few runs, timed by events on the current stream."""
+    """Best GB/s of `copy()` over a few runs, timed by events on the current stream; `copy`
+    returns a callable that does the copies, so its set-up stays out of the timing."""
     best = float("inf")
     for _ in range(repeats):
+        run = copy()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
-        copy()
+        run()
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3)
@@ -202,19 +208,17 @@ def _bandwidth(copy, nbytes: int, repeats: int = 3) -> float:
 
 
 def measure_bandwidth(layer: MoeLayer, count: int) -> tuple[float, float]:
-    """(per-expert copies on the side stream with an event each, one plain copy) in GB/s."""
+    """(the pool's demand loads: side stream, an event each; one plain copy) in GB/s."""
     nbytes = count * layer.expert_bytes
-    flat_host = layer.w13_host.view(-1)[: nbytes // 2]
-    flat_dev = layer.w13_pool.view(-1)[: nbytes // 2]
+    flat_host = layer.store.layer_tensors(0)["w13"].view(-1)[: nbytes // 2]
 
-    def per_expert() -> None:
-        layer.copy_stream.wait_stream(torch.cuda.current_stream())
-        events = [layer.load(expert, expert) for expert in range(count)]
-        for event in events:
-            torch.cuda.current_stream().wait_event(event)
+    def per_expert():
+        pool = layer.pool(count)  # empty: every expert is a load
+        return lambda: pool.release(pool.ensure_resident(0, list(range(count))))
 
-    def plain() -> None:
-        flat_dev.copy_(flat_host, non_blocking=True)
+    def plain():
+        flat_dev = torch.empty_like(flat_host, device="cuda")
+        return lambda: flat_dev.copy_(flat_host, non_blocking=True)
 
     return _bandwidth(per_expert, nbytes), _bandwidth(plain, nbytes)
 
@@ -223,87 +227,61 @@ def measure_bandwidth(layer: MoeLayer, count: int) -> tuple[float, float]:
 
 
 class MoeLayer:
-    """One MoE layer: pinned host store, a pool with a slot per expert, a device page table."""
+    """One MoE layer with real shapes, in ExpertFlow's pinned RAM store, and its step inputs."""
 
-    def __init__(self, model: str, batch: int, gen: torch.Generator) -> None:
-        hidden, inter, experts, top_k = MODELS[model]
-        self.model, self.experts, self.top_k = model, experts, top_k
-        self.w13_host = torch.empty(experts, 2 * inter, hidden, dtype=torch.bfloat16).pin_memory()
-        self.w2_host = torch.empty(experts, hidden, inter, dtype=torch.bfloat16).pin_memory()
-        self.w13_pool = torch.empty_like(self.w13_host, device="cuda")
-        self.w2_pool = torch.empty_like(self.w2_host, device="cuda")
-        for expert in range(experts):
-            # Drawn on the device: filling gigabytes with randn on the CPU is too slow.
-            self.w13_host[expert].copy_(torch.randn_like(self.w13_pool[0]) / hidden**0.5)
-            self.w2_host[expert].copy_(torch.randn_like(self.w2_pool[0]) / inter**0.5)
-        self.expert_bytes = (self.w13_host[0].numel() + self.w2_host[0].numel()) * 2
-        self.table = DevicePageTable(1, experts, "cuda")
-        self.copy_stream = torch.cuda.Stream()
-        self.x = torch.randn(batch, hidden, generator=gen).bfloat16().cuda()
-        self.topk_weights = torch.rand(batch, top_k, generator=gen).cuda() + 0.1
-        self.topk_ids = torch.zeros(batch, top_k, dtype=torch.int32, device="cuda")
+    def __init__(
+        self, shape: tuple[int, int, int, int], batch: int, gen: torch.Generator, device: str
+    ) -> None:
+        hidden, inter, experts, top_k = shape
+        self.experts, self.top_k, self.device = experts, top_k, device
+        self.store = RamStore(experts, pin_memory=device == "cuda")
+        # Drawn on the device: filling gigabytes with randn on the CPU is too slow.
+        w13 = torch.randn(experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16)
+        w2 = torch.randn(experts, hidden, inter, device=device, dtype=torch.bfloat16)
+        self.store.write_layer(0, {"w13": w13.div_(hidden**0.5), "w2": w2.div_(inter**0.5)})
+        del w13, w2
+        self.store.finish_writing()
+        self.expert_bytes = self.store.layout.nbytes
+        self.x = torch.randn(batch, hidden, generator=gen).bfloat16().to(device)
+        self.topk_weights = torch.rand(batch, top_k, generator=gen).to(device) + 0.1
+        self.topk_ids = torch.zeros(batch, top_k, dtype=torch.int32, device=device)
 
-    def load(self, expert: int, slot: int) -> torch.cuda.Event:
-        """Copies an expert into a slot on the copy stream; marks it resident once it landed."""
-        with torch.cuda.stream(self.copy_stream):
-            self.w13_pool[slot].copy_(self.w13_host[expert], non_blocking=True)
-            self.w2_pool[slot].copy_(self.w2_host[expert], non_blocking=True)
-            self.table.set(0, expert, slot)
-            event = torch.cuda.Event()
-            event.record()
-        return event
-
-    def step(self) -> torch.Tensor:
-        row = self.table.row(0)
-        remap_topk(self.topk_ids, row)
-        return fused_moe_uva(
-            self.x,
-            self.topk_ids,
-            self.topk_weights,
-            row,
-            self.w13_pool,
-            self.w2_pool,
-            self.w13_host,
-            self.w2_host,
+    def pool(self, num_slots: int) -> ExpertPool:
+        """The adapter's pool for the graph step: LRU, with its page table mirrored on the GPU."""
+        mirror = DevicePageTable([0], self.experts, self.device)
+        stats = OffloadStats()
+        return ExpertPool(
+            self.store, num_slots, torch.device(self.device), LRUPolicy(), stats, mirror=mirror
         )
 
 
-class Cache:
-    """Host-side LRU over `capacity` slots, mirrored into the device page table.
+class GraphStep:
+    """The adapter's graph step on one layer: the kernel reads slots or, on a miss, pinned host
+    memory, and marks the experts it used; between steps the host books them (pool.admit)."""
 
-    After each step the experts it missed are loaded for the next one (temporal locality);
-    the step itself served them from host memory through UVA.
-    """
+    def __init__(self, layer: MoeLayer, pool: ExpertPool) -> None:
+        self.layer, self.pool = layer, pool
+        self.log = RoutingLog([0], layer.experts, layer.device)
+        self.host = layer.store.layer_tensors(0)
 
-    def __init__(self, layer: MoeLayer, capacity: int, warm: list[int]) -> None:
-        self.layer, self.capacity = layer, capacity
-        self.pages = PageTable(capacity, LRUPolicy())
-        torch.cuda.synchronize()
-        layer.table.table.fill_(-1)
-        for expert in warm[:capacity]:
-            slot, _ = self.pages.allocate((0, expert))
-            layer.load(expert, slot)
-        torch.cuda.synchronize()
+    def run(self) -> torch.Tensor:
+        layer, pool = self.layer, self.pool
+        out = fused_moe_uva(
+            layer.x,
+            layer.topk_ids,
+            layer.topk_weights,
+            pool.mirror.row(0),
+            pool.w13,
+            pool.w2,
+            self.host["w13"],
+            self.host["w2"],
+        )
+        self.log.record(0, layer.topk_ids)
+        return out
 
-    def after_step(self, experts: list[int]) -> int:
-        """Books the step's accesses, schedules its misses; returns how many it missed."""
-        missed = [e for e in experts if self.pages.lookup((0, e)) is None]
-        for expert in experts:
-            if expert not in missed:
-                self.pages.touch(self.pages.lookup((0, expert)))
-        if not missed:
-            return 0
-        loads = []
-        for expert in missed[: self.capacity]:
-            slot, evicted = self.pages.allocate((0, expert))
-            if evicted is not None:
-                # On the compute stream: the next step sees the miss before the slot changes.
-                self.layer.table.clear(*evicted)
-            loads.append((expert, slot))
-        self.layer.copy_stream.wait_stream(torch.cuda.current_stream())
-        for expert, slot in loads:
-            self.layer.load(expert, slot)
-        return len(missed)
+    def book(self) -> None:
+        for layer, experts in self.log.collect().items():
+            self.pool.admit(layer, experts)
 
 
 def _capture(fn):
@@ -322,21 +300,58 @@ def _capture(fn):
 
 def run_loop(layer: MoeLayer, routing: torch.Tensor, fraction: float, graphed: bool):
     """(ms per step, distinct experts missed per step) over the routing, 3 steps of warm-up."""
-    capacity = max(1, round(fraction * layer.experts))
+    capacity = max(layer.top_k, round(fraction * layer.experts))
+    pool = layer.pool(capacity)
     popular = torch.bincount(routing.flatten().long(), minlength=layer.experts)
-    cache = Cache(layer, capacity, popular.argsort(descending=True).tolist())
-    step = _capture(layer.step)[0].replay if graphed else layer.step
-    misses, warmup = 0, 3
+    pool.admit(0, popular.argsort(descending=True)[:capacity].tolist())
+    pool.drain()
+    step = GraphStep(layer, pool)
+    run = _capture(step.run)[0].replay if graphed else step.run
+    step.log.collect()  # forget the warm-up and capture runs
+    warmup = 3
     for index, ids in enumerate(routing):
         if index == warmup:
-            torch.cuda.synchronize()
-            start, misses = time.perf_counter(), 0
+            _synchronize(layer.device)
+            start, misses = time.perf_counter(), pool.stats.layer(0).misses
         layer.topk_ids.copy_(ids, non_blocking=True)
-        step()
-        misses += cache.after_step(ids.unique().tolist())
-    torch.cuda.synchronize()
+        out = run()
+        step.book()
+    _synchronize(layer.device)
     steps = len(routing) - warmup
+    misses = pool.stats.layer(0).misses - misses
+    _expect_step_output(layer, pool, step, out)
     return (time.perf_counter() - start) * 1e3 / steps, misses / steps
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _expect_step_output(layer: MoeLayer, pool: ExpertPool, step: GraphStep, out) -> None:
+    """The last step's output equals the same step computed from host memory alone: slots the
+    loop loaded hold the right experts and the mirror points at them. Silent when it holds."""
+    everything_missed = torch.full((layer.experts,), -1, dtype=torch.int32)
+    reference = fused_moe_uva_reference(
+        layer.x,
+        layer.topk_ids,
+        layer.topk_weights,
+        everything_missed,
+        pool.w13,
+        pool.w2,
+        step.host["w13"],
+        step.host["w2"],
+    )
+    if not _close(out, reference):
+        raise CheckFailed("decode loop: the last step differs from the all-host reference")
+
+
+def check_decode_loop(device: str, gen: torch.Generator) -> None:
+    """A short LRU decode loop at a quarter of the experts, against the all-host reference."""
+    layer = MoeLayer((128, 96, 16, 4), 4, gen, device)
+    routing = synthetic_routing(layer.experts, layer.top_k, 4, 8, gen)
+    run_loop(layer, routing, 0.25, graphed=False)
+    print("  ok  decode loop (pool, mirror, routing log, admit) at cache 0.25")
 
 
 def synthetic_routing(experts: int, top_k: int, batch: int, steps: int, gen) -> torch.Tensor:
@@ -375,7 +390,7 @@ def trace_routing(directory: str, experts: int, top_k: int, batch: int, steps: i
 
 
 def run_model(model: str, args, gen: torch.Generator) -> tuple[list[tuple], float]:
-    layer = MoeLayer(model, args.batch, gen)
+    layer = MoeLayer(MODELS[model], args.batch, gen, "cuda")
     experts, top_k = layer.experts, layer.top_k
     # About a gigabyte of whole experts; the plain copy of as many bytes fits in w13 alone.
     count = min(experts * 2 // 3, max(1, 10**9 // layer.expert_bytes))

@@ -36,7 +36,7 @@ rm -rf "$traces"
 "$cli" trace --model "$model" --out "$traces/eval" --max-tokens 40000 --text \
     "$text/second_heldout_shakespeare.txt" "$text/second_heldout_pydoc.txt"
 
-"$cli" train-predictor --traces "$traces/train" --eval-traces "$traces/eval" --epochs 15 \
+"$cli" train-predictor --traces "$traces/train" --eval-traces "$traces/eval" --epochs 5 --batch-size 1024 \
     --out "$predictors/learned.safetensors" --hot-experts-out "$predictors/hot_experts.json"
 "$cli" train-predictor --kind transition --traces "$traces/train" \
     --eval-traces "$traces/eval" --out "$predictors/transition.safetensors"

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from vllm_expertflow.core.predictor import (
+    CONTEXT_INPUTS,
     GatePredictor,
     LearnedPredictor,
     PredictorMismatchError,
@@ -9,14 +10,18 @@ from vllm_expertflow.core.predictor import (
     load_predictor,
     predictor_recall,
     save_predictor,
+    trace_context,
 )
 from vllm_expertflow.core.tracer import RoutingTracer, read_trace
 
 E, K, H = 8, 2, 16
 
 
-def write_trace(directory, hidden: dict, topk: dict, tokens_per_request: int = 50):
-    """A trace through the real tracer: one request per `tokens_per_request` rows."""
+def write_trace(
+    directory, hidden: dict, topk: dict, tokens_per_request: int = 50, outputs: dict | None = None
+):
+    """A trace through the real tracer: one request per `tokens_per_request` rows; the MoE
+    outputs default to the router inputs."""
     metadata = {
         "model": "synthetic",
         "config_hash": "hash-a",
@@ -30,7 +35,10 @@ def write_trace(directory, hidden: dict, topk: dict, tokens_per_request: int = 5
     for start in range(0, num_tokens, tokens_per_request):
         rows = slice(start, start + tokens_per_request)
         for layer in sorted(hidden):
-            tracer.record(layer, hidden[layer][rows], topk[layer][rows])
+            h = hidden[layer][rows]
+            tracer.record(
+                layer, h, topk[layer][rows], outputs.get(layer, h)[rows] if outputs else h
+            )
     tracer.close()
     return read_trace(str(directory))
 
@@ -106,17 +114,25 @@ def test_save_load_round_trip_for_both_kinds(tmp_path):
         gates, 2, hidden_units=4, routed_features=True, origin={"config_hash": "hash-a"}
     )
     learned.fit(tensors, epochs=1, progress=False)
+    with_context = LearnedPredictor(
+        gates, 2, 4, True, {"config_hash": "hash-a"}, context_inputs=CONTEXT_INPUTS
+    )
+    with_context.fit(tensors, epochs=1, progress=False)
     transition = TransitionPredictor.fit(manifest, tensors, max_depth=2)
     probe_hidden, probe_topk = tensors["hidden.0"][:7].float(), tensors["topk_ids.0"][:7]
-    for predictor in (learned, transition):
+    context = {name: c[:7] for name, c in trace_context(tensors, 0).items()}
+    for predictor in (learned, with_context, transition):
         path = str(tmp_path / f"{type(predictor).__name__}.safetensors")
         save_predictor(predictor, path)
         loaded = load_predictor(path, "hash-a")
         assert type(loaded) is type(predictor)
         assert loaded.layers == predictor.layers and loaded.max_depth == 2
+        assert loaded.context_inputs == predictor.context_inputs
         for depth in (1, 2):
-            expected = predictor.scores(0, depth, probe_hidden, probe_topk)
-            assert torch.allclose(loaded.scores(0, depth, probe_hidden, probe_topk), expected)
+            expected = predictor.scores(0, depth, probe_hidden, probe_topk, context)
+            assert torch.allclose(
+                loaded.scores(0, depth, probe_hidden, probe_topk, context), expected
+            )
 
 
 def test_load_refuses_a_predictor_of_another_model(tmp_path):
@@ -128,3 +144,39 @@ def test_load_refuses_a_predictor_of_another_model(tmp_path):
     message = str(error.value)
     assert "\n" not in message
     assert "hash-a" in message and "hash-b" in message and "train-predictor" in message
+
+
+def test_trace_context_takes_the_previous_token_only_from_the_same_request():
+    tensors = {
+        "request_ids": torch.tensor([0, 0, 0, 1, 1, 1]),
+        "positions": torch.tensor([0, 1, 3, 0, 1, 2]),  # request 0 skips position 2 (sampled)
+        "hidden.0": torch.arange(6.0).unsqueeze(1),
+        "moe_output.0": -torch.arange(6.0).unsqueeze(1),
+    }
+    context = trace_context(tensors, 0)
+    assert context["prev_hidden"].flatten().tolist() == [0, 0, 0, 0, 3, 4]
+    assert context["prev_moe_output"].flatten().tolist() == [0, 0, 0, 0, -3, -4]
+    assert torch.equal(context["moe_output"], tensors["moe_output.0"])
+    with pytest.raises(ValueError, match="record it again"):
+        trace_context({k: v for k, v in tensors.items() if k != "moe_output.0"}, 0)
+
+
+def test_context_lets_the_learned_predictor_see_the_previous_token(tmp_path):
+    """Layer 1 routes by the previous token's layer-0 output, which layer 0 alone cannot show."""
+    g = torch.Generator().manual_seed(0)
+    num_tokens = 3000
+    hidden = {layer: torch.randn(num_tokens, H, generator=g) for layer in (0, 1)}
+    outputs = {0: torch.randn(num_tokens, H, generator=g)}
+    true_map = torch.randn(E, H, generator=g)
+    previous = torch.cat([torch.zeros(1, H), outputs[0][:-1]])
+    topk = {0: (hidden[0] @ true_map.T).topk(K).indices, 1: (previous @ true_map.T).topk(K).indices}
+    _, tensors = write_trace(tmp_path, hidden, topk, tokens_per_request=num_tokens, outputs=outputs)
+    train = {key: value[:2500] for key, value in tensors.items()}
+    held = {key: value[2500:] for key, value in tensors.items()}
+    gates = {layer: torch.randn(E, H, generator=g) for layer in (0, 1)}
+    recalls = {}
+    for context_inputs in ((), CONTEXT_INPUTS):
+        predictor = LearnedPredictor(gates, 1, 64, True, context_inputs=context_inputs)
+        predictor.fit(train, epochs=20, lr=1e-2, progress=False)
+        recalls[context_inputs] = predictor_recall(predictor, held, 1, K)[0]
+    assert recalls[CONTEXT_INPUTS] > max(0.7, recalls[()] + 0.3), recalls

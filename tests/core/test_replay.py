@@ -39,7 +39,7 @@ class OraclePredictor(ExpertPredictor):
         super().__init__(LAYERS, max_depth=2)
         self.tensors = tensors
 
-    def scores(self, layer, depth, hidden, topk_ids):
+    def scores(self, layer, depth, hidden, topk_ids, context=None):
         rows = hidden[:, 0].long()
         target = self.tensors[f"topk_ids.{self.target_layer(layer, depth)}"][rows].long()
         return torch.zeros(len(rows), E).scatter_(1, target, 1.0)

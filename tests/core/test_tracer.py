@@ -8,7 +8,7 @@ def record_steps(tracer, steps: list[int], layers=(0, 1)):
         for layer in layers:
             hidden = torch.randn(num_tokens, 8)
             topk = torch.randint(0, 16, (num_tokens, 2))
-            tracer.record(layer, hidden, topk)
+            tracer.record(layer, hidden, topk, 2 * hidden)
 
 
 def test_trace_round_trip_keeps_rows_aligned(tmp_path):
@@ -21,6 +21,7 @@ def test_trace_round_trip_keeps_rows_aligned(tmp_path):
     assert tensors["request_ids"].tolist() == [0] * 3 + [1] * 4 + [2] * 2
     assert tensors["positions"].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1]
     assert tensors["hidden.1"].shape == (9, 8) and tensors["topk_ids.0"].shape == (9, 2)
+    assert torch.equal(tensors["moe_output.1"], 2 * tensors["hidden.1"])
 
 
 def test_token_budget_and_sampling_bound_the_trace(tmp_path):

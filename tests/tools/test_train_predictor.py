@@ -41,7 +41,8 @@ def make_trace(directory, model_dir, requests: int, seed: int):
     for _ in range(requests):
         hidden = torch.randn(20, H, generator=g)
         for layer in LAYERS:
-            tracer.record(layer, hidden, (hidden @ gates[layer].T).topk(K).indices)
+            routed = (hidden @ gates[layer].T).topk(K).indices
+            tracer.record(layer, hidden, routed, torch.tanh(hidden))
             hidden = hidden + 0.3 * torch.randn(20, H, generator=g)
     tracer.close()
 

@@ -4,17 +4,27 @@ Every predictor answers the same question: given layer L's router input `hidden 
 routed `topk_ids [T, k]`, how likely is each expert of the `depth`-th MoE layer after L to be
 routed for each token (`[T, E]`, higher is likelier)? Layers are named by their model index;
 `layers` lists the MoE layers in order, so depth 1 after `layers[i]` is `layers[i + 1]`.
+
+A predictor may also read a `context` of `[T, H]` tensors, named in its `context_inputs`: layer
+L's MoE output and the previous token's router input and MoE output at layer L (what layer
+L+1's attention will mix in). Those exist only once layer L has computed.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 
+CONTEXT_INPUTS = ("moe_output", "prev_hidden", "prev_moe_output")
+Context = dict[str, torch.Tensor]
+
 
 class ExpertPredictor(ABC):
+    context_inputs: tuple[str, ...] = ()
+
     def __init__(self, layers: list[int], max_depth: int) -> None:
         self.layers = list(layers)
         self.max_depth = max_depth
@@ -26,15 +36,26 @@ class ExpertPredictor(ABC):
 
     @abstractmethod
     def scores(
-        self, layer: int, depth: int, hidden: torch.Tensor, topk_ids: torch.Tensor
+        self,
+        layer: int,
+        depth: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        context: Context | None = None,
     ) -> torch.Tensor:
         """`[T, E]` scores of the target layer's experts, one row per token."""
 
     def predict_experts(
-        self, layer: int, depth: int, hidden: torch.Tensor, topk_ids: torch.Tensor, k: int
+        self,
+        layer: int,
+        depth: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        k: int,
+        context: Context | None = None,
     ) -> torch.Tensor:
         """The `k` likeliest experts per token, `[T, k]`."""
-        return self.scores(layer, depth, hidden, topk_ids).topk(k, dim=-1).indices
+        return self.scores(layer, depth, hidden, topk_ids, context).topk(k, dim=-1).indices
 
 
 class GatePredictor(ExpertPredictor):
@@ -49,7 +70,12 @@ class GatePredictor(ExpertPredictor):
         self._gates = {layer: w.float() for layer, w in gates.items()}
 
     def scores(
-        self, layer: int, depth: int, hidden: torch.Tensor, topk_ids: torch.Tensor
+        self,
+        layer: int,
+        depth: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        context: Context | None = None,
     ) -> torch.Tensor:
         target = self.target_layer(layer, depth)
         gate = self._gates[target]
@@ -67,6 +93,30 @@ def recall_at_k(predicted: torch.Tensor, actual: torch.Tensor) -> float:
 
 def trace_layers(manifest: dict) -> list[int]:
     return [int(layer) for layer in manifest["layers"]]
+
+
+def trace_context(tensors: dict[str, torch.Tensor], layer: int) -> Context:
+    """The `CONTEXT_INPUTS` of every traced token at `layer`, in float32.
+
+    A token's previous token is the row above when it is the same request's preceding position
+    (a trace may sample rows); otherwise it is zeros, as at a request's first token.
+    """
+    if f"moe_output.{layer}" not in tensors:
+        raise ValueError(
+            "expertflow: this trace has no MoE outputs (trace format 1); record it again with "
+            "`vllm-expertflow trace`"
+        )
+    hidden = tensors[f"hidden.{layer}"].float()
+    output = tensors[f"moe_output.{layer}"].float()
+    requests, positions = tensors["request_ids"], tensors["positions"]
+    follows = torch.zeros(len(hidden), dtype=torch.bool)
+    follows[1:] = (requests[1:] == requests[:-1]) & (positions[1:] == positions[:-1] + 1)
+    prev_hidden, prev_output = torch.zeros_like(hidden), torch.zeros_like(output)
+    prev_hidden[1:] = hidden[:-1]
+    prev_output[1:] = output[:-1]
+    prev_hidden[~follows] = 0
+    prev_output[~follows] = 0
+    return {"moe_output": output, "prev_hidden": prev_hidden, "prev_moe_output": prev_output}
 
 
 def routed_one_hot(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -89,8 +139,9 @@ def predictor_recall(
         if target is None:
             continue
         hidden = tensors[f"hidden.{layer}"].float()
+        context = trace_context(tensors, layer) if predictor.context_inputs else None
         guess = predictor.predict_experts(
-            layer, depth, hidden, tensors[f"topk_ids.{layer}"].long(), num_predicted
+            layer, depth, hidden, tensors[f"topk_ids.{layer}"].long(), num_predicted, context
         )
         actual = tensors[f"topk_ids.{target}"].long()
         found += (guess.unsqueeze(-1) == actual.unsqueeze(-2)).any(-1).sum().item()
@@ -142,7 +193,12 @@ class TransitionPredictor(ExpertPredictor):
         return cls(layers, max_depth, counts, totals, _origin(manifest))
 
     def scores(
-        self, layer: int, depth: int, hidden: torch.Tensor, topk_ids: torch.Tensor
+        self,
+        layer: int,
+        depth: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        context: Context | None = None,
     ) -> torch.Tensor:
         probs = self._probs[(layer, depth)]
         return routed_one_hot(topk_ids.to(probs.device), probs.shape[0]) @ probs
@@ -158,6 +214,7 @@ class _Head(torch.nn.Module):
 
     The linear part starts as the target layer's gate and every extra part starts at zero, so
     an untrained head is exactly speculative gating and training only has to learn the drift.
+    The MLP also reads `num_context` context tensors, each layer-normed like the router input.
     """
 
     def __init__(
@@ -166,6 +223,7 @@ class _Head(torch.nn.Module):
         num_source_experts: int,
         hidden_units: int = 0,
         routed_features: bool = False,
+        num_context: int = 0,
     ) -> None:
         super().__init__()
         num_experts, hidden_size = gate.shape
@@ -181,20 +239,27 @@ class _Head(torch.nn.Module):
         if hidden_units:
             extra = num_source_experts if routed_features else 0
             self.norm = torch.nn.LayerNorm(hidden_size)
+            self.context_norms = torch.nn.ModuleList(
+                torch.nn.LayerNorm(hidden_size) for _ in range(num_context)
+            )
             self.mlp = torch.nn.Sequential(
-                torch.nn.Linear(hidden_size + extra, hidden_units),
+                torch.nn.Linear(hidden_size * (1 + num_context) + extra, hidden_units),
                 torch.nn.GELU(),
                 torch.nn.Linear(hidden_units, num_experts),
             )
             torch.nn.init.zeros_(self.mlp[-1].weight)
             torch.nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, hidden: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, context: list[torch.Tensor], routed: torch.Tensor
+    ) -> torch.Tensor:
         out = self.linear(hidden)
         if self.routed is not None:
             out = out + self.routed(routed)
         if self.mlp is not None:
-            features = [self.norm(hidden)] + ([routed] if self.routed is not None else [])
+            features = [self.norm(hidden)]
+            features += [norm(c) for norm, c in zip(self.context_norms, context, strict=True)]
+            features += [routed] if self.routed is not None else []
             out = out + self.mlp(torch.cat(features, dim=-1))
         return out
 
@@ -204,7 +269,8 @@ class LearnedPredictor(ExpertPredictor):
 
     `hidden_units` > 0 adds a one-hidden-layer residual MLP; `routed_features` adds layer L's
     routed-expert multi-hot as an input (layer L's MoE output, which depends on that choice,
-    is part of what layer L+1's router sees).
+    is part of what layer L+1's router sees); `context_inputs` (a subset of `CONTEXT_INPUTS`,
+    needs the MLP) adds those tensors as inputs.
     """
 
     def __init__(
@@ -214,10 +280,15 @@ class LearnedPredictor(ExpertPredictor):
         hidden_units: int = 0,
         routed_features: bool = False,
         origin: dict[str, str] | None = None,
+        context_inputs: Sequence[str] = (),
     ) -> None:
         super().__init__(sorted(gates), max_depth)
+        unknown = set(context_inputs) - set(CONTEXT_INPUTS)
+        assert not unknown, f"unknown context inputs {unknown}"
+        assert hidden_units or not context_inputs, "context inputs feed the MLP"
         self.hidden_units = hidden_units
         self.routed_features = routed_features
+        self.context_inputs = tuple(context_inputs)
         self.origin = dict(origin or {})
         self.num_experts = next(iter(gates.values())).shape[0]
         self.heads = torch.nn.ModuleDict()
@@ -233,17 +304,30 @@ class LearnedPredictor(ExpertPredictor):
                 target = self.target_layer(layer, depth)
                 if target is not None:
                     self.heads[_head_name(layer, depth)] = _Head(
-                        gates[target], self.num_experts, self.hidden_units, self.routed_features
+                        gates[target],
+                        self.num_experts,
+                        self.hidden_units,
+                        self.routed_features,
+                        len(self.context_inputs),
                     )
 
     def scores(
-        self, layer: int, depth: int, hidden: torch.Tensor, topk_ids: torch.Tensor
+        self,
+        layer: int,
+        depth: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        context: Context | None = None,
     ) -> torch.Tensor:
         head = self.heads[_head_name(layer, depth)]
         device = head.linear.weight.device
+        inputs = [(context or {}).get(name) for name in self.context_inputs]
+        if any(tensor is None for tensor in inputs):
+            raise ValueError(f"expertflow: this learned predictor needs {self.context_inputs}")
         with torch.no_grad():
             routed = routed_one_hot(topk_ids.to(device), self.num_experts)
-            return head(hidden.to(device, torch.float32), routed)
+            inputs = [tensor.to(device, torch.float32) for tensor in inputs]
+            return head(hidden.to(device, torch.float32), inputs, routed)
 
     def to(self, device: torch.device | str) -> LearnedPredictor:
         self.heads.to(device)
@@ -278,8 +362,10 @@ class LearnedPredictor(ExpertPredictor):
     def _fit_head(self, name, tensors, epochs, lr, batch_size, loss_fn, seed) -> None:
         layer, depth = _parse_head_name(name)
         target = self.target_layer(layer, depth)
+        context = trace_context(tensors, layer) if self.context_inputs else {}
         inputs = (
             tensors[f"hidden.{layer}"].float(),
+            [context[name] for name in self.context_inputs],
             routed_one_hot(tensors[f"topk_ids.{layer}"], self.num_experts),
             routed_one_hot(tensors[f"topk_ids.{target}"], self.num_experts),
         )
@@ -306,21 +392,22 @@ _LOSSES = {"softmax": _softmax_loss, "bce": _bce_loss}
 
 def _train_head(
     head: _Head,
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    inputs: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor],
     epochs: int,
     lr: float,
     batch_size: int,
     loss_fn,
     generator: torch.Generator,
 ) -> None:
-    hidden, routed, target = inputs
+    hidden, context, routed, target = inputs
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     batches_per_epoch = max(1, -(-len(hidden) // batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * batches_per_epoch)
     for _ in range(epochs):
         order = torch.randperm(len(hidden), generator=generator)
         for batch in order.split(batch_size):
-            loss = loss_fn(head(hidden[batch], routed[batch]), target[batch])
+            logits = head(hidden[batch], [c[batch] for c in context], routed[batch])
+            loss = loss_fn(logits, target[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -425,6 +512,7 @@ def _learned_state(p: LearnedPredictor) -> tuple[dict, dict]:
         "hidden_size": head.linear.in_features,
         "hidden_units": p.hidden_units,
         "routed_features": p.routed_features,
+        "context_inputs": list(p.context_inputs),
     }
     return tensors, extra
 
@@ -433,7 +521,12 @@ def _load_learned(tensors, layers, max_depth, meta, origin) -> LearnedPredictor:
     # Placeholder gates give the heads their shapes; the state dict then overwrites them.
     gates = {layer: torch.zeros(meta["num_experts"], meta["hidden_size"]) for layer in layers}
     predictor = LearnedPredictor(
-        gates, max_depth, meta["hidden_units"], meta["routed_features"], origin
+        gates,
+        max_depth,
+        meta["hidden_units"],
+        meta["routed_features"],
+        origin,
+        meta.get("context_inputs", ()),
     )
     predictor.heads.load_state_dict({k.removeprefix("heads."): v for k, v in tensors.items()})
     return predictor

@@ -55,8 +55,17 @@ class Prefetcher:
         policy: EvictionPolicy = pool.policy
         self._predictive = policy if isinstance(policy, PredictivePolicy) else None
 
-    def after_routing(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
-        """Layer `layer` has routed its batch: queue loads for the layers after it."""
+    def after_routing(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        context: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Layer `layer` has routed its batch: queue loads for the layers after it.
+
+        `context` carries the predictor's `context_inputs` (see `ExpertPredictor.scores`).
+        """
         self.budget.layer_started()
         if self._predictive is not None:
             self._predictive.clear_predictions(layer)
@@ -67,7 +76,7 @@ class Prefetcher:
                 break
             if self.pool.table.num_resident_in(target) == self.pool.store.num_experts:
                 continue  # nothing to fetch: spare the predictor's cost
-            scores = self.predictor.scores(layer, depth, hidden, topk_ids)
+            scores = self.predictor.scores(layer, depth, hidden, topk_ids, context)
             for expert, votes in rank_for_batch(scores, self.top_k):
                 if self._predictive is not None:
                     # Nearer layers are needed sooner: their predictions weigh more.

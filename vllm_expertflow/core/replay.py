@@ -25,7 +25,7 @@ import torch
 
 from .page_table import PageTable, PoolExhaustedError
 from .policy import EvictionPolicy, ExpertKey, PredictivePolicy, make_policy
-from .predictor import ExpertPredictor, trace_layers
+from .predictor import ExpertPredictor, trace_context, trace_layers
 
 MODES = ("ondemand", "prefetch", "static", "belady")
 
@@ -216,9 +216,17 @@ def _predictions(
             if predictor.target_layer(layer, d) is None:
                 continue
             hidden, topk = tensors[f"hidden.{layer}"], tensors[f"topk_ids.{layer}"].long()
+            context = trace_context(tensors, layer) if predictor.context_inputs else {}
             rows = [
-                predictor.predict_experts(layer, d, h.float(), t, k)
-                for h, t in zip(hidden.split(chunk), topk.split(chunk), strict=True)
+                predictor.predict_experts(
+                    layer,
+                    d,
+                    hidden[i : i + chunk].float(),
+                    topk[i : i + chunk],
+                    k,
+                    {name: c[i : i + chunk] for name, c in context.items()},
+                )
+                for i in range(0, len(hidden), chunk)
             ]
             out[(layer, d)] = torch.cat(rows).tolist()
     return out

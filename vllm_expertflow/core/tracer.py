@@ -1,7 +1,7 @@
 """Recording what the router sees and picks, step by step, into a bounded on-disk trace.
 
 Trace format (a directory):
-  manifest.json          {"format": 1, "model": ..., "config_hash": ..., "layers": [...],
+  manifest.json          {"format": 2, "model": ..., "config_hash": ..., "layers": [...],
                           "num_experts": E, "top_k": k, "hidden_size": H, "num_tokens": N,
                           "shards": ["shard_00000.safetensors", ...]}
   shard_XXXXX.safetensors, per recorded token (rows aligned across tensors):
@@ -9,6 +9,7 @@ Trace format (a directory):
       positions     int32 [n]      token position in its request
       hidden.L      bfloat16 [n,H] layer L's router input
       topk_ids.L    int16 [n,k]    experts layer L's router chose
+      moe_output.L  bfloat16 [n,H] layer L's routed-experts output (format 2 on)
 Shards and the manifest are written under temporary names and renamed into place.
 """
 
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 
 from .files import atomic_path, write_text_atomically
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class RoutingTracer:
@@ -54,7 +55,9 @@ class RoutingTracer:
     def is_full(self) -> bool:
         return self.num_tokens >= self.max_tokens
 
-    def record(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    def record(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, moe_output: torch.Tensor
+    ) -> None:
         """Called by every MoE layer of a step; a repeated first layer starts the next step."""
         if f"topk_ids.{layer}" in self._step:
             self.end_step()
@@ -63,6 +66,7 @@ class RoutingTracer:
         rows = self._step_rows
         self._step[f"hidden.{layer}"] = hidden[rows].to("cpu", torch.bfloat16)
         self._step[f"topk_ids.{layer}"] = topk_ids[rows].to("cpu", torch.int16)
+        self._step[f"moe_output.{layer}"] = moe_output[rows].to("cpu", torch.bfloat16)
 
     def _start_step(self, num_tokens: int) -> None:
         keep = torch.rand(num_tokens, generator=self._generator) < self.sample_rate

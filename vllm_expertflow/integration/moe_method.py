@@ -195,11 +195,22 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
     ) -> torch.Tensor:
-        runtime, pool = self.runtime, self.runtime.pool
-        if runtime.tracer is not None:
-            runtime.tracer.record(self.layer_index, x, topk_ids)
+        runtime = self.runtime
         if runtime.step == "graph":
-            return self._run_graph_step(x, topk_weights, topk_ids)
+            output = self._run_graph_step(x, topk_weights, topk_ids)
+        else:
+            output = self._run_host_step(layer, x, topk_weights, topk_ids)
+        runtime.layer_computed(self.layer_index, x, topk_ids, output)
+        return output
+
+    def _run_host_step(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        runtime, pool = self.runtime, self.runtime.pool
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             raise ExpertFlowConfigError(
                 "expertflow: step=host waits for loads on the host, which a CUDA graph cannot "
@@ -209,9 +220,8 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         rounds = plan_rounds(topk_ids, pool.step_capacity)
         if len(rounds) == 1:
             slots = pool.ensure_resident(self.layer_index, rounds[0][1])
-            # Queued after this layer's experts are pinned, so no prefetch can evict them.
-            if runtime.prefetcher is not None:
-                runtime.prefetcher.after_routing(self.layer_index, x, topk_ids)
+            # After this layer's experts are pinned, so no prefetch can evict them.
+            runtime.layer_routed(self.layer_index, x, topk_ids)
             return self._run_kernel(layer, x, topk_weights, topk_ids, rounds[0][1], slots)
         # The layer alone oversubscribes the pool: no room to prefetch for the next ones.
         output = torch.empty_like(x)

@@ -1,12 +1,14 @@
-"""Patch: run ExpertFlow's between-steps bookkeeping on the host before every model step.
+"""Patch: run ExpertFlow's per-step bookkeeping on the host before every model step.
 
 Why:    the graph step's kernels only mark on the device which experts they used; the host must
-        read the marks, book hits and load misses outside any CUDA graph, once per engine step.
-        A captured graph replays without running our Python, and vLLM has no per-step host hook
-        for MoE methods.
+        read the marks, book hits and load misses outside any CUDA graph, once per engine step
+        (a captured graph replays without running our Python). Predictors that look at the
+        previous token need to know which batch rows belong to which request. vLLM has no
+        per-step host hook for MoE methods.
 How:    wrap `execute_model` of vLLM's model runners (V1's `GPUModelRunner`, which the CPU
-        runner inherits, and V2's) to call a callback first. Applied by the runtime of a
-        graph-step engine in its worker process; idempotent.
+        runner inherits, and V2's) to call callbacks first, with the runner and the scheduler's
+        output (which requests run, how many tokens each). Applied by every runtime in its
+        worker process; idempotent.
 Remove: when vLLM offers a per-step host hook to MoE methods.
 Checked against: vLLM 0.32.0.
 """
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
-_callbacks: list[Callable[[], None]] = []
+StepCallback = Callable[[Any, Any], None]
+_callbacks: list[StepCallback] = []
 
 
-def before_each_step(callback: Callable[[], None]) -> None:
-    """Calls `callback` on the host before each `execute_model` of any model runner."""
+def before_each_step(callback: StepCallback) -> None:
+    """Calls `callback(runner, scheduler_output)` before each `execute_model` of any runner."""
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as GPUModelRunnerV2
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -36,10 +40,10 @@ def _wrap_execute_model(runner_cls: type) -> None:
         return
 
     @functools.wraps(original)
-    def execute_model(self, *args, **kwargs):
+    def execute_model(self, scheduler_output, *args, **kwargs):
         for callback in _callbacks:
-            callback()
-        return original(self, *args, **kwargs)
+            callback(self, scheduler_output)
+        return original(self, scheduler_output, *args, **kwargs)
 
     execute_model._expertflow_wrapped = True
     runner_cls.execute_model = execute_model

@@ -26,6 +26,7 @@ from vllm_expertflow.core.policy import make_policy
 from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.predictor import GatePredictor, load_predictor
 from vllm_expertflow.core.prefetcher import Prefetcher
+from vllm_expertflow.core.previous_tokens import PreviousTokens, RequestSpans
 from vllm_expertflow.core.routing_log import RoutingLog
 from vllm_expertflow.core.stats import OffloadStats
 from vllm_expertflow.core.store import ExpertCodec, ExpertStore, RamStore
@@ -74,6 +75,9 @@ class OffloadRuntime:
         self.quantized = False
         self.step = "host"
         self.routing_log: RoutingLog | None = None
+        self.previous_tokens = PreviousTokens()
+        self._batch: tuple | None = None  # (model runner, scheduler output) of this step
+        self._spans: RequestSpans | None = None
         self.tracer: RoutingTracer | None = None
         self.metrics = SnapshotWriter()
         atexit.register(self.shutdown)
@@ -96,8 +100,7 @@ class OffloadRuntime:
             self.step = self.config.resolved_step(self.device.type, self.quantized)
             self.store = self._make_store(num_experts, store_format)
             self.codec = codec or ExpertCodec()
-            if self.step == "graph":
-                before_each_step(self.book_last_step)
+            before_each_step(self.step_started)
         assert num_experts == self.store.num_experts, "expertflow needs equal expert counts"
         self._top_k = max(self._top_k, top_k)
         self._layers.add(layer)
@@ -184,12 +187,49 @@ class OffloadRuntime:
             self.step,
         )
 
-    def book_last_step(self) -> None:
-        """Graph step, between engine steps: books the last forward's routing, loads its misses."""
-        if self.pool is None:
-            return
-        for layer, experts in self.routing_log.collect().items():
-            self.pool.admit(layer, experts)
+    def step_started(self, runner, scheduler_output) -> None:
+        """Before each engine step, on the host and outside any CUDA graph."""
+        self._batch, self._spans = (runner, scheduler_output), None
+        self.previous_tokens.forget(scheduler_output.finished_req_ids)
+        if self.step == "graph" and self.pool is not None:
+            # The last forward's routing: book it and load its misses.
+            for layer, experts in self.routing_log.collect().items():
+                self.pool.admit(layer, experts)
+
+    def layer_routed(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """A layer's experts are resident: predictors that need no more start prefetching."""
+        if self.prefetcher is not None and not self.prefetcher.predictor.context_inputs:
+            self.prefetcher.after_routing(layer, hidden, topk_ids)
+
+    def layer_computed(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, output: torch.Tensor
+    ) -> None:
+        """A layer's MoE output exists: trace it; predictors that read it prefetch now."""
+        if self.tracer is not None:
+            self.tracer.record(layer, hidden, topk_ids, output)
+        if self.prefetcher is not None and self.prefetcher.predictor.context_inputs:
+            spans = self._request_spans(hidden.shape[0])
+            context = self.previous_tokens.context(layer, hidden, output, spans)
+            self.prefetcher.after_routing(layer, hidden, topk_ids, context)
+
+    def _request_spans(self, num_rows: int) -> RequestSpans | None:
+        """Which rows of this step's batch belong to which request, from vLLM's input batch.
+
+        vLLM lays a step's tokens out request by request in its input batch's order. None when
+        the rows do not add up (a padded or dummy batch).
+        """
+        if self._spans is None and self._batch is not None:
+            runner, scheduler_output = self._batch
+            spans, start = [], 0
+            for request in runner.input_batch.req_ids:
+                count = scheduler_output.num_scheduled_tokens.get(request, 0)
+                if count:
+                    spans.append((request, start, start + count))
+                    start += count
+            self._spans = spans
+        if not self._spans or self._spans[-1][2] != num_rows:
+            return None
+        return self._spans
 
     def _static_hot_set(self, num_slots: int) -> list[tuple[int, int]]:
         """The hottest experts that leave one token's worth of slots free for misses."""

@@ -17,6 +17,7 @@ import torch
 
 from vllm_expertflow.core.files import write_text_atomically
 from vllm_expertflow.core.predictor import (
+    CONTEXT_INPUTS,
     ExpertPredictor,
     LearnedPredictor,
     TransitionPredictor,
@@ -43,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="feed layer L's routed-expert multi-hot to the heads",
+    )
+    parser.add_argument(
+        "--context",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="feed layer L's MoE output and the previous token's router input and MoE output "
+        "to the heads (needs hidden units; the prefetch then starts once layer L has computed)",
     )
     parser.add_argument("--loss", choices=("softmax", "bce"), default="bce")
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -88,6 +96,7 @@ def build_predictor(
         args.hidden_units,
         args.routed_features,
         origin={"model": str(manifest["model"]), "config_hash": manifest["config_hash"]},
+        context_inputs=CONTEXT_INPUTS if args.context and args.hidden_units else (),
     )
     predictor.fit(
         tensors, args.epochs, args.lr, args.batch_size, args.loss, args.seed, progress=True

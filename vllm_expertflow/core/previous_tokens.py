@@ -1,0 +1,52 @@
+"""Each running request's last token at every MoE layer, for predictors that look one token back.
+
+Layer L's router input and MoE output of a token say little about layer L+1's choice that the
+previous token's do not add to: layer L+1's attention mixes the earlier tokens in. In a prefill
+the previous token is the row above; in a decode step it ran in an earlier step, so each
+request's last row is kept here, per layer, until the request finishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+# (request id, first row, end row) of each request's rows in a batch, in row order.
+RequestSpans = Sequence[tuple[str, int, int]]
+
+
+class PreviousTokens:
+    def __init__(self) -> None:
+        self._last: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def context(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        moe_output: torch.Tensor,
+        spans: RequestSpans | None,
+    ) -> dict[str, torch.Tensor]:
+        """The predictor context of a batch, then remembers each request's last row.
+
+        `spans=None` (rows not known by request) gives zero previous tokens, as at a request's
+        first token.
+        """
+        prev_hidden = torch.zeros_like(hidden)
+        prev_output = torch.zeros_like(moe_output)
+        for request, start, end in spans or ():
+            prev_hidden[start + 1 : end] = hidden[start : end - 1]
+            prev_output[start + 1 : end] = moe_output[start : end - 1]
+            last = self._last.setdefault(request, {}).get(layer)
+            if last is not None:
+                prev_hidden[start], prev_output[start] = last
+            self._last[request][layer] = (hidden[end - 1].clone(), moe_output[end - 1].clone())
+        return {
+            "moe_output": moe_output,
+            "prev_hidden": prev_hidden,
+            "prev_moe_output": prev_output,
+        }
+
+    def forget(self, requests: Iterable[str]) -> None:
+        for request in requests:
+            self._last.pop(request, None)

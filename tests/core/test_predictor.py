@@ -180,3 +180,18 @@ def test_context_lets_the_learned_predictor_see_the_previous_token(tmp_path):
         predictor.fit(train, epochs=20, lr=1e-2, progress=False)
         recalls[context_inputs] = predictor_recall(predictor, held, 1, K)[0]
     assert recalls[CONTEXT_INPUTS] > max(0.7, recalls[()] + 0.3), recalls
+
+
+def test_learned_heads_compute_in_float32_under_a_bf16_default_dtype():
+    """vLLM builds the pool, and so the predictor, while its default dtype is the model's."""
+    _, _, gates = linear_routing(1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        predictor = LearnedPredictor(gates, 1, hidden_units=8, context_inputs=CONTEXT_INPUTS)
+    finally:
+        torch.set_default_dtype(previous)
+    hidden = torch.randn(3, H, dtype=torch.bfloat16)
+    context = dict.fromkeys(CONTEXT_INPUTS, hidden)
+    scores = predictor.scores(0, 1, hidden, torch.zeros(3, K, dtype=torch.long), context)
+    assert scores.dtype == torch.float32 and scores.shape == (3, E)

@@ -296,7 +296,9 @@ class LearnedPredictor(ExpertPredictor):
         with torch.random.fork_rng():
             torch.manual_seed(0)
             self._build_heads(gates)
-        self.heads.eval()
+        # Built while vLLM loads a model, the default dtype is the model's (bf16): the heads
+        # compute in float32 whatever it is.
+        self.heads.float().eval()
 
     def _build_heads(self, gates: dict[int, torch.Tensor]) -> None:
         for layer in self.layers:

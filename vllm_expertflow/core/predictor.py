@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .previous_tokens import previous_rows
+
 CONTEXT_INPUTS = ("moe_output", "prev_hidden", "prev_moe_output")
 Context = dict[str, torch.Tensor]
 
@@ -111,12 +113,11 @@ def trace_context(tensors: dict[str, torch.Tensor], layer: int) -> Context:
     requests, positions = tensors["request_ids"], tensors["positions"]
     follows = torch.zeros(len(hidden), dtype=torch.bool)
     follows[1:] = (requests[1:] == requests[:-1]) & (positions[1:] == positions[:-1] + 1)
-    prev_hidden, prev_output = torch.zeros_like(hidden), torch.zeros_like(output)
-    prev_hidden[1:] = hidden[:-1]
-    prev_output[1:] = output[:-1]
-    prev_hidden[~follows] = 0
-    prev_output[~follows] = 0
-    return {"moe_output": output, "prev_hidden": prev_hidden, "prev_moe_output": prev_output}
+    return {
+        "moe_output": output,
+        "prev_hidden": previous_rows(hidden, follows),
+        "prev_moe_output": previous_rows(output, follows),
+    }
 
 
 def routed_one_hot(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -16,6 +16,14 @@ import torch
 RequestSpans = Sequence[tuple[str, int, int]]
 
 
+def previous_rows(tensor: torch.Tensor, follows: torch.Tensor) -> torch.Tensor:
+    """Each row's previous row where `follows` (bool `[T]`) says it is one, zeros elsewhere."""
+    previous = torch.zeros_like(tensor)
+    previous[1:] = tensor[:-1]
+    previous[~follows] = 0
+    return previous
+
+
 class PreviousTokens:
     def __init__(self) -> None:
         self._last: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -32,11 +40,12 @@ class PreviousTokens:
         `spans=None` (rows not known by request) gives zero previous tokens, as at a request's
         first token.
         """
-        prev_hidden = torch.zeros_like(hidden)
-        prev_output = torch.zeros_like(moe_output)
+        follows = torch.zeros(len(hidden), dtype=torch.bool)
+        for _, start, end in spans or ():
+            follows[start + 1 : end] = True
+        prev_hidden = previous_rows(hidden, follows)
+        prev_output = previous_rows(moe_output, follows)
         for request, start, end in spans or ():
-            prev_hidden[start + 1 : end] = hidden[start : end - 1]
-            prev_output[start + 1 : end] = moe_output[start : end - 1]
             last = self._last.setdefault(request, {}).get(layer)
             if last is not None:
                 prev_hidden[start], prev_output[start] = last

@@ -212,11 +212,11 @@ def _predictions(
     k = manifest["top_k"]
     out = {}
     for layer in trace_layers(manifest):
+        hidden, topk = tensors[f"hidden.{layer}"], tensors[f"topk_ids.{layer}"].long()
+        context = trace_context(tensors, layer) if predictor.context_inputs else {}
         for d in range(1, depth + 1):
             if predictor.target_layer(layer, d) is None:
                 continue
-            hidden, topk = tensors[f"hidden.{layer}"], tensors[f"topk_ids.{layer}"].long()
-            context = trace_context(tensors, layer) if predictor.context_inputs else {}
             rows = [
                 predictor.predict_experts(
                     layer,

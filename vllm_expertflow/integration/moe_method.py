@@ -211,7 +211,7 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         topk_ids: torch.Tensor,
     ) -> torch.Tensor:
         runtime, pool = self.runtime, self.runtime.pool
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        if _is_capturing(x):
             raise ExpertFlowConfigError(
                 "expertflow: step=host waits for loads on the host, which a CUDA graph cannot "
                 "capture; use step=graph (ram store, bf16 experts, no predictor) or enforce_eager"
@@ -223,7 +223,8 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
             # After this layer's experts are pinned, so no prefetch can evict them.
             runtime.layer_routed(self.layer_index, x, topk_ids)
             return self._run_kernel(layer, x, topk_weights, topk_ids, rounds[0][1], slots)
-        # The layer alone oversubscribes the pool: no room to prefetch for the next ones.
+        # The layer alone oversubscribes the pool: no room to prefetch while it computes
+        # (predictors that read its output still do, in `layer_computed`).
         output = torch.empty_like(x)
         for tokens, experts in rounds:
             slots = pool.ensure_resident(self.layer_index, experts)
@@ -248,7 +249,7 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
 
         runtime, pool = self.runtime, self.runtime.pool
         num_tokens = x.shape[0]
-        if num_tokens > MAX_TOKENS and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if num_tokens > MAX_TOKENS and not _is_capturing(x):
             pool.admit(self.layer_index, topk_ids.unique().tolist())
             start = time.perf_counter()
             pool.drain()
@@ -301,6 +302,11 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
             )
         finally:
             pool.release(slots)
+
+
+def _is_capturing(x: torch.Tensor) -> bool:
+    """True while vLLM captures a CUDA graph: the step must not sync with the host."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _moe_step(

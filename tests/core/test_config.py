@@ -1,10 +1,10 @@
 import pytest
 
-from vllm_expertflow.core.config import ExpertFlowConfigError, OffloadConfig
+from vllm_expertflow.core.config import ExpertFlowConfig, ExpertFlowConfigError
 
 
 def test_defaults_are_valid():
-    config = OffloadConfig.from_dict(None)
+    config = ExpertFlowConfig.from_dict(None)
     assert config.store == "ram" and config.policy == "lru"
 
 
@@ -29,45 +29,45 @@ def test_defaults_are_valid():
 )
 def test_bad_options_get_one_line_naming_the_problem(options, named):
     with pytest.raises(ExpertFlowConfigError) as error:
-        OffloadConfig.from_dict(options)
+        ExpertFlowConfig.from_dict(options)
     message = str(error.value)
     assert named in message and "\n" not in message
 
 
 def test_unknown_key_lists_valid_ones():
     with pytest.raises(ExpertFlowConfigError, match="valid options are cache_fraction"):
-        OffloadConfig.from_dict({"bogus": 1})
+        ExpertFlowConfig.from_dict({"bogus": 1})
 
 
 def test_num_slots_from_fraction_count_and_bytes():
-    assert OffloadConfig(cache_fraction=0.25).num_slots(6, 32, 4, 1000) == 48
-    assert OffloadConfig(cache_fraction=1.0).num_slots(6, 32, 4, 1000) == 192
-    assert OffloadConfig(cache_experts=10).num_slots(6, 32, 4, 1000) == 10
-    assert OffloadConfig(cache_bytes=10_999).num_slots(6, 32, 4, 1000) == 10  # whole slots only
-    assert OffloadConfig(cache_bytes=10**9).num_slots(6, 32, 4, 1000) == 192
+    assert ExpertFlowConfig(cache_fraction=0.25).num_slots(6, 32, 4, 1000) == 48
+    assert ExpertFlowConfig(cache_fraction=1.0).num_slots(6, 32, 4, 1000) == 192
+    assert ExpertFlowConfig(cache_experts=10).num_slots(6, 32, 4, 1000) == 10
+    assert ExpertFlowConfig(cache_bytes=10_999).num_slots(6, 32, 4, 1000) == 10  # whole slots only
+    assert ExpertFlowConfig(cache_bytes=10**9).num_slots(6, 32, 4, 1000) == 192
     # A fraction never rounds below one token's experts.
-    assert OffloadConfig(cache_fraction=0.001).num_slots(6, 32, 4, 1000) == 4
+    assert ExpertFlowConfig(cache_fraction=0.001).num_slots(6, 32, 4, 1000) == 4
 
 
 def test_cache_smaller_than_top_k_is_refused():
     with pytest.raises(ExpertFlowConfigError, match="smaller than the model's top-k of 4"):
-        OffloadConfig(cache_experts=3).num_slots(6, 32, 4, 1000)
+        ExpertFlowConfig(cache_experts=3).num_slots(6, 32, 4, 1000)
     with pytest.raises(ExpertFlowConfigError, match="cache_bytes >= 4000"):
-        OffloadConfig(cache_bytes=3999).num_slots(6, 32, 4, 1000)
+        ExpertFlowConfig(cache_bytes=3999).num_slots(6, 32, 4, 1000)
 
 
 def test_auto_step_takes_the_graph_step_only_where_it_can_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert OffloadConfig().resolved_step("cuda", quantized=False) == "graph"
-    assert OffloadConfig().resolved_step("cpu", quantized=False) == "host"
-    assert OffloadConfig().resolved_step("cuda", quantized=True) == "host"
-    assert OffloadConfig(store="disk").resolved_step("cuda", quantized=False) == "host"
-    assert OffloadConfig(predictor="gate").resolved_step("cuda", quantized=False) == "host"
+    assert ExpertFlowConfig().resolved_step("cuda", quantized=False) == "graph"
+    assert ExpertFlowConfig().resolved_step("cpu", quantized=False) == "host"
+    assert ExpertFlowConfig().resolved_step("cuda", quantized=True) == "host"
+    assert ExpertFlowConfig(store="disk").resolved_step("cuda", quantized=False) == "host"
+    assert ExpertFlowConfig(predictor="gate").resolved_step("cuda", quantized=False) == "host"
 
 
 def test_graph_step_refuses_quantized_experts_and_a_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    graph = OffloadConfig(step="graph")
+    graph = ExpertFlowConfig(step="graph")
     with pytest.raises(ExpertFlowConfigError, match="quantized experts need step=host"):
         graph.resolved_step("cuda", quantized=True)
     with pytest.raises(ExpertFlowConfigError, match="use step=host on a CPU"):

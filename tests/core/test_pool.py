@@ -1,6 +1,7 @@
+import threading
+
 import torch
 
-from vllm_expertflow.core.device_page_table import DevicePageTable
 from vllm_expertflow.core.policy import LRUPolicy
 from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.stats import OffloadStats
@@ -9,9 +10,7 @@ from vllm_expertflow.core.store import ExpertCodec, RamStore, TensorSpec
 NUM_EXPERTS = 8
 
 
-def make_pool(
-    num_slots: int, mirror: DevicePageTable | None = None
-) -> tuple[ExpertPool, dict[int, torch.Tensor]]:
+def make_pool(num_slots: int) -> tuple[ExpertPool, dict[int, torch.Tensor]]:
     store = RamStore(NUM_EXPERTS, pin_memory=False)
     weights = {}
     for layer in range(3):
@@ -19,9 +18,7 @@ def make_pool(
         store.write_layer(layer, {"w13": w13, "w2": torch.randn(NUM_EXPERTS, 4, 4)})
         weights[layer] = w13
     store.finish_writing()
-    pool = ExpertPool(
-        store, num_slots, torch.device("cpu"), LRUPolicy(), OffloadStats(), mirror=mirror
-    )
+    pool = ExpertPool(store, num_slots, torch.device("cpu"), range(3), LRUPolicy(), OffloadStats())
     return pool, weights
 
 
@@ -66,7 +63,7 @@ def test_lru_order_across_steps():
 def test_a_static_hot_set_stays_and_leaves_the_rest_for_misses():
     pool, weights = make_pool(4)
     pool.pin_permanently([(0, 1), (1, 2)])
-    assert pool.step_capacity == 2
+    assert pool.round_capacity == 2
     for experts in ([5, 6], [6, 7], [3, 4]):  # misses cycle through the two free slots
         pool.release(pool.ensure_resident(2, experts))
     slots = pool.ensure_resident(0, [1])
@@ -78,6 +75,9 @@ def test_a_static_hot_set_stays_and_leaves_the_rest_for_misses():
 class ScaledInt8Codec(ExpertCodec):
     """Stores experts as int8 codes with one scale each; slots hold float32."""
 
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
     def slot_specs(self, layout):
         parts = {p.name: p for p in layout.parts}
         return (
@@ -86,6 +86,7 @@ class ScaledInt8Codec(ExpertCodec):
         )
 
     def decode(self, record, w13_out, w2_out):
+        self.threads.append(threading.current_thread().name)
         w13_out.copy_(record["w13_codes"].float() * record["scale"])
         w2_out.copy_(record["w2_codes"].float() * record["scale"])
 
@@ -97,7 +98,7 @@ def test_a_codec_decodes_compressed_records_into_slots_and_loads_count_stored_by
     store.write_layer(0, {"w13_codes": codes, "w2_codes": codes[:, :4], "scale": scale})
     store.finish_writing()
     pool = ExpertPool(
-        store, 2, torch.device("cpu"), LRUPolicy(), OffloadStats(), codec=ScaledInt8Codec()
+        store, 2, torch.device("cpu"), [0], LRUPolicy(), OffloadStats(), codec=ScaledInt8Codec()
     )
     assert pool.w13.dtype == torch.float32 and pool.w13.shape == (2, 8, 4)
     slots = pool.ensure_resident(0, [6])
@@ -106,33 +107,29 @@ def test_a_codec_decodes_compressed_records_into_slots_and_loads_count_stored_by
     assert pool.stats.layer(0).bytes_loaded == 8 * 4 + 4 * 4 + 4  # the record, not the slot
 
 
-def mirrored_pool(num_slots: int) -> tuple[ExpertPool, dict[int, torch.Tensor]]:
-    return make_pool(num_slots, DevicePageTable(3, NUM_EXPERTS, "cpu"))
-
-
-def assert_mirror_matches_page_table(pool: ExpertPool) -> None:
+def assert_device_table_matches_page_table(pool: ExpertPool) -> None:
     pool.drain()
     expected = torch.full((3, NUM_EXPERTS), -1, dtype=torch.int32)
     for layer, expert in pool.table.resident_keys():
         expected[layer, expert] = pool.table.lookup((layer, expert))
-    assert torch.equal(pool.mirror.to_host(), expected)
+    assert torch.equal(pool.device_table.to_host(), expected)
 
 
-def test_the_mirror_follows_loads_prefetches_and_evictions():
-    pool, _ = mirrored_pool(3)
+def test_the_device_table_follows_loads_prefetches_and_evictions():
+    pool, _ = make_pool(3)
     pool.release(pool.ensure_resident(0, [1, 2]))
     pool.prefetch(1, 4)
-    assert_mirror_matches_page_table(pool)
+    assert_device_table_matches_page_table(pool)
     pool.release(pool.ensure_resident(2, [5, 6]))  # evicts two of the three
-    assert_mirror_matches_page_table(pool)
-    assert (pool.mirror.to_host() >= 0).sum() == 3
+    assert_device_table_matches_page_table(pool)
+    assert (pool.device_table.to_host() >= 0).sum() == 3
 
 
-def test_admit_books_a_finished_step_and_loads_its_misses_in_the_background():
-    pool, weights = mirrored_pool(4)
+def test_admit_books_a_finished_layer_and_loads_its_misses_in_the_background():
+    pool, weights = make_pool(4)
     pool.admit(0, [1, 2])
-    assert_mirror_matches_page_table(pool)
-    slot = int(pool.mirror.row(0)[2])
+    assert_device_table_matches_page_table(pool)
+    slot = int(pool.device_table.row(0)[2])
     assert torch.equal(pool.w13[slot], weights[0][2])
     pool.admit(0, [2, 3])
     stats = pool.stats.layer(0)
@@ -142,7 +139,7 @@ def test_admit_books_a_finished_step_and_loads_its_misses_in_the_background():
 
 
 def test_admit_loads_only_what_fits_beside_pinned_slots():
-    pool, _ = mirrored_pool(3)
+    pool, _ = make_pool(3)
     first = pool.ensure_resident(0, [0, 1])  # a step still running keeps two slots pinned
     pool.admit(1, [4, 5, 6])
     pool.drain()
@@ -150,4 +147,19 @@ def test_admit_loads_only_what_fits_beside_pinned_slots():
     assert pool.table.lookup((1, 5)) is None and pool.table.lookup((1, 6)) is None
     assert pool.stats.layer(1).misses == 3
     pool.release(first)
-    assert_mirror_matches_page_table(pool)
+    assert_device_table_matches_page_table(pool)
+
+
+def test_a_prefetch_decodes_compressed_records_on_the_io_thread():
+    store = RamStore(NUM_EXPERTS, pin_memory=False)
+    codes = torch.randint(-100, 100, (NUM_EXPERTS, 8, 4), dtype=torch.int8)
+    scale = torch.rand(NUM_EXPERTS, 1, 1) + 0.5
+    store.write_layer(0, {"w13_codes": codes, "w2_codes": codes[:, :4], "scale": scale})
+    store.finish_writing()
+    codec = ScaledInt8Codec()
+    pool = ExpertPool(store, 2, torch.device("cpu"), [0], LRUPolicy(), OffloadStats(), codec=codec)
+    assert pool.prefetch(0, 5)
+    slots = pool.ensure_resident(0, [5])  # waits for the prefetch, a hit
+    assert torch.equal(pool.w13[slots[0]], codes[5].float() * scale[5])
+    assert codec.threads[0].startswith("expertflow-io")
+    assert pool.stats.layer(0).hits == 1 and pool.stats.layer(0).prefetches_used == 1

@@ -20,6 +20,7 @@ def make_pool(num_slots: int, policy: str = "lru") -> ExpertPool:
         store,
         num_slots,
         torch.device("cpu"),
+        LAYERS,
         make_policy(policy, num_slots, len(LAYERS)),
         OffloadStats(),
     )

@@ -48,7 +48,7 @@ def make_trace(directory, model_dir, requests: int, seed: int):
 
 
 def load_gates(model_dir):
-    from vllm_expertflow.integration.checkpoint import load_gate_weights
+    from vllm_expertflow.core.checkpoint import load_gate_weights
 
     return load_gate_weights(str(model_dir))
 

@@ -25,7 +25,7 @@ class ExpertFlowConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class OffloadConfig:
+class ExpertFlowConfig:
     cache_fraction: float | None = None
     cache_experts: int | None = None
     cache_bytes: int | None = None
@@ -104,7 +104,7 @@ class OffloadConfig:
             )
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any] | None) -> OffloadConfig:
+    def from_dict(cls, options: dict[str, Any] | None) -> ExpertFlowConfig:
         options = dict(options or {})
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))

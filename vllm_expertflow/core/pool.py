@@ -1,14 +1,18 @@
 """The paged expert pool: a fixed number of expert slots on the compute device.
 
-Every MoE layer shares the same slots, the way every request shares vLLM's KV blocks. A step
+Every MoE layer shares the same slots, the way every request shares vLLM's KV blocks. A layer
 pins the experts it needs, waits for those still loading, loads the misses from the backing
 store, runs its kernel on the slot tensors and releases the pins. Prefetches load into slots in
 the background (I/O threads on the CPU, a side stream on CUDA) and stay pinned until they land.
+
+The host `PageTable` decides where experts go; its `DevicePageTable` copy is what kernels read
+(one gather remaps router ids to slots), kept equal to it load by load and eviction by eviction.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -52,14 +56,14 @@ class ExpertPool:
         store: ExpertStore,
         num_slots: int,
         device: torch.device,
+        layers: Sequence[int],
         policy: EvictionPolicy,
         stats: OffloadStats,
         io_threads: int = 1,
         link: EmulatedLink | None = None,
         codec: ExpertCodec | None = None,
-        mirror: DevicePageTable | None = None,
     ) -> None:
-        """`mirror`, when given, is kept equal to the page table for kernels that read it."""
+        """`layers`: the MoE layer ids, one row each in the device page table."""
         assert store.layout is not None, "the pool is built after the store is written"
         self.store = store
         self.codec = codec or ExpertCodec()
@@ -67,7 +71,8 @@ class ExpertPool:
         self.stats = stats
         self.policy = policy
         self.table = PageTable(num_slots, policy)
-        self.mirror = mirror
+        self.device = device
+        self.device_table = DevicePageTable(layers, store.num_experts, device)
         w13, w2 = self.codec.slot_specs(store.layout)
         self.w13 = torch.empty((num_slots, *w13.shape), dtype=w13.dtype, device=device)
         self.w2 = torch.empty((num_slots, *w2.shape), dtype=w2.dtype, device=device)
@@ -83,17 +88,17 @@ class ExpertPool:
         return self.table.num_slots
 
     @property
-    def step_capacity(self) -> int:
+    def round_capacity(self) -> int:
         """Distinct experts one kernel call may use: slots not pinned for good."""
         return self.num_slots - self._num_permanent
 
     def ensure_resident(self, layer: int, experts: list[int]) -> list[int]:
         """Pins `experts` of `layer` in slots, loading the misses; returns their slots in order.
 
-        Hits are pinned before any miss is placed so a load never evicts an expert this step
+        Hits are pinned before any miss is placed so a load never evicts an expert this layer
         needs. The caller must `release` the slots once its kernel has run.
         """
-        assert len(experts) <= self.step_capacity, "more experts than free slots: split the step"
+        assert len(experts) <= self.round_capacity, "more experts than free slots: run rounds"
         self._reap_finished_loads()
         slots: list[int | None] = [self.table.lookup((layer, e)) for e in experts]
         for slot in slots:
@@ -126,10 +131,10 @@ class ExpertPool:
         return True
 
     def admit(self, layer: int, experts: list[int]) -> None:
-        """Books a step that already ran and starts loading the experts it missed; never waits.
+        """Books a layer that already ran and starts loading the experts it missed; never waits.
 
         For kernels that served the misses straight from the store (the graph step): hits are
-        touched, misses load in the background into slots no step has pinned, as many as fit.
+        touched, misses load in the background into slots nothing has pinned, as many as fit.
         """
         self._reap_finished_loads()
         misses = []
@@ -173,7 +178,7 @@ class ExpertPool:
             self._io.shutdown()
 
     def _allocate_for_step(self, key: ExpertKey) -> int:
-        """Like `_allocate`, but a step may wait for background loads to free their slots."""
+        """Like `_allocate`, but a demand load may wait for background loads to free slots."""
         try:
             return self._allocate(key)
         except PoolExhaustedError:
@@ -186,10 +191,10 @@ class ExpertPool:
         """A pinned slot for `key`; counts an evicted, never-used prefetch as waste."""
         slot, evicted = self.table.allocate(key)
         self.table.pin(slot)
-        if evicted is not None and self.mirror is not None:
+        if evicted is not None:
             # On the compute stream, before the copy stream (which waits for it) overwrites
             # the slot: a kernel queued after this reads the expert from the store instead.
-            self.mirror.clear(*evicted)
+            self.device_table.clear(*evicted)
         if evicted is not None and slot in self._unused_prefetches:
             self._unused_prefetches.discard(slot)
             self.stats.record_wasted_prefetch(evicted[0])
@@ -220,7 +225,7 @@ class ExpertPool:
             self._copy_in(layer, expert, slot)
             done.set_result(None)
             return _ThreadLoad(done)
-        # A slot released this step may still be read by a queued kernel: load after it.
+        # A slot released by this layer may still be read by a queued kernel: load after it.
         self._copy_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._copy_stream):
             self._copy_in(layer, expert, slot)
@@ -229,10 +234,9 @@ class ExpertPool:
     def _copy_in(self, layer: int, expert: int, slot: int) -> None:
         start = time.perf_counter()
         self.codec.decode(self.store.read_expert(layer, expert), self.w13[slot], self.w2[slot])
-        if self.mirror is not None:
-            # Queued behind the copy (same stream or thread): kernels see the slot once it holds
-            # the expert, and read the store until then.
-            self.mirror.set(layer, expert, slot)
+        # Queued behind the copy (same stream or thread): kernels see the slot once it holds
+        # the expert, and read the store until then.
+        self.device_table.set(layer, expert, slot)
         if self.link is not None:
             self.link.transfer(self.store.layout.nbytes)
         seconds = time.perf_counter() - start

@@ -1,14 +1,16 @@
 """Prefetching the experts later layers are predicted to need while the current layer computes.
 
 At MoE layer L the predictor scores the experts of layers L+1..L+depth for the batch; the
-likeliest are queued as background loads, as many per layer as the link can move in one
-layer's compute time (both measured while serving). The predictive eviction policy, when in
-use, learns from the same scores which resident experts are needed soonest.
+likeliest are queued as background loads (once layer L has routed, or once it has computed for
+predictors that read its output and the previous token's), as many per layer as the link can
+move in one layer's compute time (both measured while serving). The predictive eviction
+policy, when in use, learns from the same scores which resident experts are needed soonest.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -16,6 +18,9 @@ from .policy import EvictionPolicy, PredictivePolicy
 from .pool import ExpertPool
 from .predictor import ExpertPredictor
 from .stats import running_mean
+
+# context_of(layer, router_input, moe_output) -> a predictor's `context_inputs` for the batch.
+ContextSource = Callable[[int, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 class LinkBudget:
@@ -46,26 +51,39 @@ class Prefetcher:
         predictor: ExpertPredictor,
         depth: int,
         top_k: int,
+        context_of: ContextSource | None = None,
     ) -> None:
+        """`context_of` is required by predictors with `context_inputs`."""
+        assert context_of is not None or not predictor.context_inputs, "context_of is missing"
         self.pool = pool
         self.predictor = predictor
+        self.context_of = context_of
         self.depth = min(depth, predictor.max_depth)
         self.top_k = top_k
         self.budget = LinkBudget()
         policy: EvictionPolicy = pool.policy
         self._predictive = policy if isinstance(policy, PredictivePolicy) else None
 
-    def after_routing(
+    def after_routing(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """Layer `layer`'s experts are pinned: predictors of its router input prefetch now."""
+        if not self.predictor.context_inputs:
+            self._prefetch(layer, hidden, topk_ids, None)
+
+    def after_compute(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, output: torch.Tensor
+    ) -> None:
+        """Layer `layer`'s output exists: predictors that read it prefetch now."""
+        if self.predictor.context_inputs:
+            self._prefetch(layer, hidden, topk_ids, self.context_of(layer, hidden, output))
+
+    def _prefetch(
         self,
         layer: int,
         hidden: torch.Tensor,
         topk_ids: torch.Tensor,
-        context: dict[str, torch.Tensor] | None = None,
+        context: dict[str, torch.Tensor] | None,
     ) -> None:
-        """Layer `layer` has routed its batch: queue loads for the layers after it.
-
-        `context` carries the predictor's `context_inputs` (see `ExpertPredictor.scores`).
-        """
+        """Queues loads for the layers after `layer`, likeliest first, within the link budget."""
         self.budget.layer_started()
         if self._predictive is not None:
             self._predictive.clear_predictions(layer)

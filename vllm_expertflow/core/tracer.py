@@ -5,8 +5,10 @@ Trace format (a directory):
                           "num_experts": E, "top_k": k, "hidden_size": H, "num_tokens": N,
                           "shards": ["shard_00000.safetensors", ...]}
   shard_XXXXX.safetensors, per recorded token (rows aligned across tensors):
-      request_ids   int32 [n]      which request (one engine step = one request when tracing)
-      positions     int32 [n]      token position in its request
+      request_ids   int32 [n]      which request (numbered in order of first appearance; a
+                                   forward whose rows are not known by request counts as one)
+      positions     int32 [n]      token position in its request, counted from the first
+                                   forward traced
       hidden.L      bfloat16 [n,H] layer L's router input
       topk_ids.L    int16 [n,k]    experts layer L's router chose
       moe_output.L  bfloat16 [n,H] layer L's routed-experts output (format 2 on)
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 import torch
 from safetensors.torch import save_file
 
 from .files import atomic_path, write_text_atomically
+from .previous_tokens import RequestSpans
 
 FORMAT_VERSION = 2
 
@@ -49,33 +53,53 @@ class RoutingTracer:
         self._pending: list[dict[str, torch.Tensor]] = []
         self._pending_tokens = 0
         self._shards: list[str] = []
+        self._request_numbers: dict[str, int] = {}
+        self._tokens_seen: Counter[str] = Counter()
         os.makedirs(directory, exist_ok=True)
 
-    @property
-    def is_full(self) -> bool:
-        return self.num_tokens >= self.max_tokens
-
     def record(
-        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, moe_output: torch.Tensor
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        moe_output: torch.Tensor,
+        spans: RequestSpans | None = None,
     ) -> None:
-        """Called by every MoE layer of a step; a repeated first layer starts the next step."""
+        """Called by every MoE layer of a forward; a repeated layer starts the next forward.
+
+        `spans` says which rows belong to which request; without it the forward is one request.
+        """
         if f"topk_ids.{layer}" in self._step:
             self.end_step()
         if not self._step:
-            self._start_step(hidden.shape[0])
+            self._start_step(hidden.shape[0], spans)
         rows = self._step_rows
         self._step[f"hidden.{layer}"] = hidden[rows].to("cpu", torch.bfloat16)
         self._step[f"topk_ids.{layer}"] = topk_ids[rows].to("cpu", torch.int16)
         self._step[f"moe_output.{layer}"] = moe_output[rows].to("cpu", torch.bfloat16)
 
-    def _start_step(self, num_tokens: int) -> None:
+    def _start_step(self, num_tokens: int, spans: RequestSpans | None) -> None:
         keep = torch.rand(num_tokens, generator=self._generator) < self.sample_rate
         rows = keep.nonzero().flatten()[: max(self.max_tokens - self.num_tokens, 0)]
         self._step_rows = rows
-        self._step = {
-            "request_ids": torch.full((len(rows),), self.num_steps, dtype=torch.int32),
-            "positions": rows.to(torch.int32),
-        }
+        requests, positions = self._requests_and_positions(num_tokens, spans)
+        self._step = {"request_ids": requests[rows], "positions": positions[rows]}
+
+    def _requests_and_positions(
+        self, num_tokens: int, spans: RequestSpans | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's request number and position in its request."""
+        if spans is None:
+            spans = [(f"forward {self.num_steps}", 0, num_tokens)]
+        requests = torch.empty(num_tokens, dtype=torch.int32)
+        positions = torch.empty(num_tokens, dtype=torch.int32)
+        for request, start, end in spans:
+            number = self._request_numbers.setdefault(request, len(self._request_numbers))
+            requests[start:end] = number
+            first = self._tokens_seen[request]
+            positions[start:end] = torch.arange(first, first + end - start, dtype=torch.int32)
+            self._tokens_seen[request] += end - start
+        return requests, positions
 
     def end_step(self) -> None:
         if not self._step:

@@ -1,4 +1,8 @@
-"""vLLM plugin entry point (`vllm.general_plugins`), run in every vLLM process."""
+"""vLLM plugin entry point (`vllm.general_plugins`), run in every vLLM process.
+
+Cheap and fail-open: it applies the version-checked patches under `patches/` and imports no
+worker-side code; the MoE methods are installed only where a model is loaded with the backend.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +11,12 @@ import logging
 
 def register() -> None:
     """Idempotent: vLLM may load general plugins several times in one process."""
-    from vllm.model_executor.custom_op import op_registry_oot
-    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
-        UnquantizedFusedMoEMethod,
-    )
-
-    from . import moe_backend_patch, quantized_moe_method
+    from . import patches
     from .metrics import setup_metrics_channel
 
-    moe_backend_patch.apply()
-    quantized_moe_method.install()
     _route_logs_through_vllm()
-    setup_metrics_channel()
-    name = UnquantizedFusedMoEMethod.__name__
-    if name not in op_registry_oot:
-        from .moe_method import ExpertFlowMoEMethod
-
-        UnquantizedFusedMoEMethod.register_oot(ExpertFlowMoEMethod, name=name)
+    if patches.apply_all():
+        setup_metrics_channel()
 
 
 def _route_logs_through_vllm() -> None:

@@ -28,11 +28,11 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 )
 from vllm.model_executor.utils import replace_parameter
 
-from vllm_expertflow.core.config import ExpertFlowConfigError
 from vllm_expertflow.core.store import ExpertCodec, ExpertLayout, TensorSpec
 
-from .moe_backend_patch import BACKEND_NAME
 from .moe_method import ExpertFlowMoEMethod
+from .patches import BACKEND_NAME
+from .support import check_expert_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,12 @@ class ExpertFlowWNA16MoEMethod(stock_wna16.CompressedTensorsWNA16MoEMethod):
         _log_int4_path()
 
     @property
-    def runtime(self):
-        return self.dense.runtime if self.dense is not None else None
+    def offloaded(self):
+        return self.dense.offloaded if self.dense is not None else None
+
+    @property
+    def layer_index(self) -> int:
+        return self.dense.layer_index
 
     @property
     def requires_device_loading(self) -> bool:  # type: ignore[override]
@@ -218,9 +222,6 @@ class ExpertFlowWNA16MoEMethod(stock_wna16.CompressedTensorsWNA16MoEMethod):
             layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
         )
 
-    def run_step(self, *args, **kwargs) -> torch.Tensor:
-        return self.dense.run_step(*args, **kwargs)
-
 
 def _packed_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The layer's packed checkpoint tensors as one record per expert."""
@@ -229,35 +230,6 @@ def _packed_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
         for part, param in _STORED_PARAMS.items()
         if hasattr(layer, param)
     }
-
-
-def check_expert_scheme(weights: QuantizationArgs, activations: QuantizationArgs | None) -> None:
-    """Refuses, in one line, quantized experts the int4 codec cannot expand."""
-    if activations is not None or weights.num_bits != 4 or weights.strategy != "group":
-        got = f"{weights.num_bits}-bit {weights.strategy}" + (
-            " with quantized activations" if activations is not None else ""
-        )
-        raise ExpertFlowConfigError(
-            f"expertflow: quantized experts must be int4 weights with group scales (W4A16), got "
-            f"{got}; `vllm-expertflow quantize` writes such checkpoints"
-        )
-
-
-def check_checkpoint(quantization: str | None, quantization_config: dict | None) -> None:
-    """Checks a checkpoint's quantization where the engine config is built: one clear line."""
-    if quantization is None:
-        return
-    if quantization != "compressed-tensors":
-        raise ExpertFlowConfigError(
-            f"expertflow: {quantization} checkpoints are not supported; offloaded experts must be "
-            "compressed-tensors W4A16 (`vllm-expertflow quantize` writes them)"
-        )
-    for group in (quantization_config or {}).get("config_groups", {}).values():
-        activations = group.get("input_activations")
-        check_expert_scheme(
-            QuantizationArgs(**group["weights"]),
-            QuantizationArgs(**activations) if activations else None,
-        )
 
 
 @functools.cache
@@ -269,13 +241,3 @@ def _log_int4_path() -> None:
         "with offloading)",
         "has" if amx else "lacks",
     )
-
-
-def install() -> None:
-    """Makes compressed-tensors' MoE dispatch build this class for WNA16 experts.
-
-    `CompressedTensorsMoEMethod.get_moe_method` imports the WNA16 class from its module at call
-    time, so replacing the module attribute is enough; the class stays stock unless the
-    backend is expertflow.
-    """
-    stock_wna16.CompressedTensorsWNA16MoEMethod = ExpertFlowWNA16MoEMethod

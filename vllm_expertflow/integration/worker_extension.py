@@ -1,34 +1,43 @@
 """Methods ExpertFlow adds to vLLM's worker, reachable with `LLM.collective_rpc("name")`.
 
 vLLM mixes a configured `worker_extension_cls` into its worker class; the plugin sets this one
-when `moe_backend` is "expertflow" (see `moe_backend_patch`), so no function has to be pickled
-across processes.
+when `moe_backend` is "expertflow" (see `patches/moe_backend_option.py`), so no function has to
+be pickled across processes. The engine is found through the worker's model, not a registry.
 """
 
 from __future__ import annotations
 
+from vllm_expertflow.core.engine import OffloadEngine
 from vllm_expertflow.core.tracer import RoutingTracer
 
-from .runtime import OffloadRuntime
+from .engine_hooks import offloaded_models
 
 
 class ExpertFlowWorkerExtension:
     def expertflow_stats(self) -> dict:
-        return OffloadRuntime.only().stats.as_dict()
+        return self._expertflow_engine().stats.as_dict()
 
     def expertflow_reconfigure(self, options: dict) -> None:
-        OffloadRuntime.only().reconfigure(options)
+        self._expertflow_engine().reconfigure(options)
 
     def expertflow_start_tracing(
         self, directory: str, metadata: dict, max_tokens: int, sample_rate: float, seed: int
     ) -> None:
-        """Records routing from the next step on."""
-        runtime = OffloadRuntime.only()
-        runtime.tracer = RoutingTracer(directory, metadata, max_tokens, sample_rate, seed)
+        """Records routing from the next forward on."""
+        engine = self._expertflow_engine()
+        engine.tracer = RoutingTracer(directory, metadata, max_tokens, sample_rate, seed)
 
     def expertflow_stop_tracing(self) -> dict:
         """Flushes the trace; returns its manifest."""
-        runtime = OffloadRuntime.only()
-        manifest = runtime.tracer.close()
-        runtime.tracer = None
+        engine = self._expertflow_engine()
+        manifest = engine.tracer.close()
+        engine.tracer = None
         return manifest
+
+    def _expertflow_engine(self) -> OffloadEngine:
+        models = offloaded_models(self.model_runner.get_model())
+        if not models or models[0].engine.pool is None:
+            raise RuntimeError(
+                "expertflow: this model has no MoE layer the expertflow backend offloads"
+            )
+        return models[0].engine

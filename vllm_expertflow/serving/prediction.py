@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from ..integration.checkpoint import load_gate_weights
+from ..core.checkpoint import load_gate_weights
 from .routing import Demand
 
 EMBED_KEY = "model.embed_tokens.weight"

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_predictors(
     args: argparse.Namespace, train: tuple[dict, dict], config_hash: str
 ) -> dict[str, ExpertPredictor]:
-    from vllm_expertflow.integration.checkpoint import load_gate_weights
+    from vllm_expertflow.core.checkpoint import load_gate_weights
 
     gates = load_gate_weights(str(args.model))
     predictors: dict[str, ExpertPredictor] = {

@@ -12,7 +12,7 @@ import logging
 import math
 from pathlib import Path
 
-from vllm_expertflow.integration.checkpoint import config_hash
+from vllm_expertflow.core.checkpoint import config_hash
 from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine
 
 logger = logging.getLogger(__name__)

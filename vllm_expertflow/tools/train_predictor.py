@@ -86,7 +86,7 @@ def build_predictor(
 ) -> ExpertPredictor:
     if args.kind == "transition":
         return TransitionPredictor.fit(manifest, tensors, args.max_depth)
-    from vllm_expertflow.integration.checkpoint import load_gate_weights
+    from vllm_expertflow.core.checkpoint import load_gate_weights
 
     gates = load_gate_weights(str(args.model or manifest["model"]))
     gates = {layer: gates[layer] for layer in manifest["layers"]}

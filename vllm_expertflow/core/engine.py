@@ -1,0 +1,252 @@
+"""What one model's offloaded MoE layers share: options, store, pool, prefetcher and step.
+
+Built explicitly, in this order, by whoever loads the model (the vLLM adapter, or a test):
+
+    engine = OffloadEngine(config, device, make_store, model_dir)
+    engine.add_layer(...)          each MoE layer as the model is built; the first opens the store
+    engine.store.write_layer(...)  each layer's experts as its weights load (unless stored)
+    engine.build(...)              the model is loaded: store -> pool -> prefetcher -> step
+    engine.forward_started(...)    before every forward: finished requests, batch rows, host work
+    engine.run_layer(...)          each MoE layer's forward (core/moe_step.py)
+
+Pure torch: what comes from vLLM (the store's folder, request ids) is handed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import torch
+
+from .checkpoint import config_hash, load_gate_weights
+from .config import ExpertFlowConfig, ExpertFlowConfigError
+from .disk_store import DiskStore
+from .link import EmulatedLink
+from .moe_step import GraphStep, HostStep, MoEStep, PagedKernel, SlotKernel
+from .policy import make_policy
+from .pool import ExpertPool
+from .predictor import GatePredictor, load_predictor
+from .prefetcher import Prefetcher
+from .previous_tokens import PreviousTokens, RequestSpans
+from .stats import OffloadStats
+from .store import ExpertCodec, ExpertStore, RamStore
+from .tracer import RoutingTracer
+
+logger = logging.getLogger(__name__)
+
+# make_store(num_experts, store_format) -> the backing store, opened by the first layer.
+StoreFactory = Callable[[int, str], ExpertStore]
+
+
+class OffloadEngine:
+    def __init__(
+        self,
+        config: ExpertFlowConfig,
+        device: torch.device,
+        make_store: StoreFactory,
+        model_dir: str,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.model_dir = model_dir
+        self.stats = OffloadStats()
+        self.previous_tokens = PreviousTokens()
+        self.tracer: RoutingTracer | None = None
+        self.store: ExpertStore | None = None
+        self.codec = ExpertCodec()
+        self.quantized = False
+        self.step_kind = "host"  # resolved when the first layer says whether it is quantized
+        self.pool: ExpertPool | None = None
+        self.prefetcher: Prefetcher | None = None
+        self.step: MoEStep | None = None
+        self._make_store = make_store
+        self._kernels: dict[int, SlotKernel] = {}
+        self._top_k = 0
+        self._spans: RequestSpans | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        """The MoE layers' ids, in order; they need not start at 0 or be contiguous."""
+        return sorted(self._kernels)
+
+    def add_layer(
+        self,
+        layer: int,
+        num_experts: int,
+        top_k: int,
+        kernel: SlotKernel,
+        store_format: str,
+        codec: ExpertCodec | None = None,
+    ) -> None:
+        """Registers a MoE layer before its weights load; the first one opens the store.
+
+        `kernel` computes the layer on slots (the host step); `store_format` names the stored
+        layout (part of the disk store's key); `codec` expands stored records into slots.
+        """
+        if self.store is None:
+            self.quantized = codec is not None
+            self.step_kind = self.config.resolved_step(self.device.type, self.quantized)
+            self.store = self._make_store(num_experts, store_format)
+            self.codec = codec or ExpertCodec()
+        if num_experts != self.store.num_experts:
+            raise ExpertFlowConfigError(
+                f"expertflow: layer {layer} has {num_experts} experts and an earlier one "
+                f"{self.store.num_experts}; models whose MoE layers differ in expert count are "
+                "not supported"
+            )
+        self._top_k = max(self._top_k, top_k)
+        self._kernels[layer] = kernel
+
+    def build(self, paged_kernel: tuple[PagedKernel, int] | None = None) -> None:
+        """The model is loaded and every layer stored: allocate the pool and the step.
+
+        `paged_kernel` (the kernel and its most rows per call) is the graph step's.
+        """
+        assert self.pool is None, "built twice"
+        missing = [layer for layer in self.layers if not self.store.has_layer(layer)]
+        assert not missing, f"layers {missing} were never written to the store"
+        self.store.finish_writing()
+        self._paged_kernel = paged_kernel
+        self._build_pool()
+
+    def reconfigure(self, options: dict) -> None:
+        """Rebuilds the pool, policy and predictor with new options, keeping the store.
+
+        For benchmarks and tests that compare cache sizes and policies on one loaded engine.
+        The store cannot change without reloading the model; on a GPU the pool may not grow past
+        its start-up size, which vLLM's memory budget was computed with.
+        """
+        config = ExpertFlowConfig.from_dict(options)
+        if (config.store, config.resolved_store_dir) != (
+            self.config.store,
+            self.config.resolved_store_dir,
+        ):
+            raise ExpertFlowConfigError("expertflow: reconfigure cannot change store or store_dir")
+        if config.resolved_step(self.device.type, self.quantized) != self.step_kind:
+            raise ExpertFlowConfigError(
+                f"expertflow: reconfigure cannot change step={self.step_kind}"
+            )
+        if self.step_kind == "graph" and self.device.type == "cuda":
+            raise ExpertFlowConfigError(
+                "expertflow: captured CUDA graphs hold the pool's addresses, so step=graph "
+                "cannot rebuild it; start another engine to change the pool"
+            )
+        old_slots = self.pool.num_slots
+        self.pool.close()
+        self.config = config
+        self._build_pool()
+        if self.device.type == "cuda" and self.pool.num_slots > old_slots:
+            raise ExpertFlowConfigError(
+                f"expertflow: cannot grow the pool on a GPU past its {old_slots} start-up slots"
+            )
+
+    def forward_started(self, spans: RequestSpans | None, finished: set[str]) -> None:
+        """Before each forward, on the host and outside any CUDA graph.
+
+        `spans`: which batch rows belong to which request (None when not known); `finished`:
+        requests that ended since the last forward.
+        """
+        self._spans = spans
+        self.previous_tokens.forget(finished)
+        if self.step is not None:
+            self.step.between_forwards()
+
+    def run_layer(
+        self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """One MoE layer's routed experts on the pool; traced when a tracer is set."""
+        output = self.step.run(layer, x, topk_weights, topk_ids)
+        if self.tracer is not None:
+            self.tracer.record(layer, x, topk_ids, output, self._rows_of(x.shape[0]))
+        return output
+
+    def snapshot(self) -> dict:
+        pool = self.pool
+        return {
+            "stats": self.stats.as_dict(),
+            "resident_slots": pool.table.num_resident if pool else 0,
+            "slots": pool.num_slots if pool else 0,
+            # (layer, expert) pairs in the pool: what expert-affinity routing matches against.
+            "resident": [list(key) for key in pool.table.resident_keys()] if pool else [],
+        }
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def _rows_of(self, num_rows: int) -> RequestSpans | None:
+        """This forward's request spans, if they cover exactly `num_rows` rows."""
+        if not self._spans or self._spans[-1][2] != num_rows:
+            return None
+        return self._spans
+
+    def _context(
+        self, layer: int, hidden: torch.Tensor, output: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        return self.previous_tokens.context(layer, hidden, output, self._rows_of(len(hidden)))
+
+    def _build_pool(self) -> None:
+        layers = self.layers
+        slot_bytes = sum(spec.nbytes for spec in self.codec.slot_specs(self.store.layout))
+        num_slots = self.config.num_slots(
+            len(layers), self.store.num_experts, self._top_k, slot_bytes
+        )
+        self.stats = OffloadStats()
+        self.pool = None  # the old slots go before the new ones are allocated
+        self.pool = ExpertPool(
+            self.store,
+            num_slots,
+            self.device,
+            layers,
+            make_policy(self.config.policy, num_slots, len(layers)),
+            self.stats,
+            link=EmulatedLink(self.config.link_gbps) if self.config.link_gbps else None,
+            codec=self.codec,
+        )
+        self.prefetcher = self._make_prefetcher()
+        if self.step_kind == "graph":
+            kernel, max_tokens = self._paged_kernel
+            assert isinstance(self.store, RamStore), "the graph step reads a RAM store"
+            self.step = GraphStep(self.pool, self.store, kernel, max_tokens)
+        else:
+            self.step = HostStep(self.pool, self._kernels.__getitem__, self.prefetcher)
+        if self.config.static_experts is not None:
+            self.pool.pin_permanently(self._static_hot_set(num_slots))
+        logger.info(
+            "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %.1f KiB "
+            "read per load, %s store%s, policy %s, predictor %s, %s step)",
+            num_slots,
+            len(layers),
+            self.store.num_experts,
+            num_slots * slot_bytes / 2**20,
+            self.store.layout.nbytes / 2**10,
+            self.config.store,
+            f", reads bypass the page cache with {self.store.bypass}"
+            if isinstance(self.store, DiskStore)
+            else "",
+            self.config.policy,
+            self.config.predictor,
+            self.step_kind,
+        )
+
+    def _static_hot_set(self, num_slots: int) -> list[tuple[int, int]]:
+        """The hottest experts that leave one token's worth of slots free for misses."""
+        with open(self.config.static_experts) as f:
+            keys = [tuple(pair) for pair in json.load(f)]
+        layers = set(self.layers)
+        known = [k for k in keys if k[0] in layers and 0 <= k[1] < self.store.num_experts]
+        return known[: max(0, num_slots - self._top_k)]
+
+    def _make_prefetcher(self) -> Prefetcher | None:
+        name = self.config.predictor
+        if name == "none" or self.pool.num_slots >= len(self.layers) * self.store.num_experts:
+            return None  # a pool that holds every expert never needs to guess
+        if name == "gate":
+            predictor = GatePredictor(load_gate_weights(self.model_dir), self.config.prefetch_depth)
+        else:
+            predictor = load_predictor(name, config_hash(self.model_dir))
+        return Prefetcher(
+            self.pool, predictor, self.config.prefetch_depth, self._top_k, self._context
+        )

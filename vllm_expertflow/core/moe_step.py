@@ -1,0 +1,176 @@
+"""One MoE layer's forward with offloaded experts, from the router's choice to the kernel.
+
+The one owner of the step: the engine (through vLLM), the offline replay and the GPU check all
+run these classes. The kernel is injected, so this file stays pure torch.
+
+    vLLM's router: topk_ids [T, k], topk_weights [T, k]                     (vLLM's, unchanged)
+        |
+        +-- HostStep (option step=host: the CPU, quantized experts, predictors) ----------------+
+        |   [Plan]      plan_rounds: whole tokens grouped so each round's experts fit the pool  |
+        |   [Pin+Load]  ExpertPool.ensure_resident: page-table lookup, pin the hits, wait for   |
+        |               any still in flight, load the misses (evicting unpinned experts)        |
+        |   [Prefetch]  Prefetcher.after_routing: predictors of router inputs queue layers      |
+        |               L+1..L+d's likeliest experts, loaded in the background (one round only) |
+        |   [Remap]     DevicePageTable.remap: router ids -> slot ids, one gather               |
+        |   [Kernel]    kernel(x, topk_weights, slot_ids, pool): vLLM's stock kernel on slots   |
+        |   [Release]   unpin the round's slots                                                 |
+        |   [Prefetch]  Prefetcher.after_compute: predictors that read layer L's output         |
+        +---------------------------------------------------------------------------------------+
+        |
+        +-- GraphStep (option step=graph: CUDA-graph safe, no host sync) -----------------------+
+        |   [Mark]      RoutingLog.record: the routed experts, marked on the device             |
+        |   [Kernel]    kernel(x, topk_ids, topk_weights, page-table row, pool, host store):    |
+        |               each expert read from its slot or, on a miss, from pinned host memory   |
+        |   between forwards, on the host: RoutingLog.collect -> ExpertPool.admit (book the     |
+        |               lookups, load the misses into slots for the next forward)               |
+        |   An uncaptured prefill larger than the kernel's tile loads what fits first.          |
+        +---------------------------------------------------------------------------------------+
+        v
+    output [T, H]
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from .pool import ExpertPool
+from .prefetcher import Prefetcher
+from .routing_log import RoutingLog
+from .step_plan import plan_rounds
+from .store import RamStore
+
+# kernel(x, topk_weights, slot_ids, pool) -> output: computes on pool.w13 / pool.w2.
+SlotKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertPool], torch.Tensor]
+# kernel(x, topk_ids, topk_weights, slot_of_expert, pool_w13, pool_w2, host_w13, host_w2).
+PagedKernel = Callable[..., torch.Tensor]
+
+
+class HostWaitInGraphError(RuntimeError):
+    """The host step would wait for loads inside a CUDA graph capture."""
+
+
+class MoEStep(ABC):
+    """One layer's forward on the pool; `between_forwards` runs on the host before each forward."""
+
+    def __init__(self, pool: ExpertPool) -> None:
+        self.pool = pool
+
+    @abstractmethod
+    def run(
+        self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def between_forwards(self) -> None:
+        """Host work that must not run inside a forward (a captured graph skips Python)."""
+
+
+class HostStep(MoEStep):
+    """Loads the misses on the host, then runs the injected kernel on slots: exact, may wait."""
+
+    def __init__(
+        self,
+        pool: ExpertPool,
+        kernel_of: Callable[[int], SlotKernel],
+        prefetcher: Prefetcher | None,
+    ) -> None:
+        """`kernel_of(layer)`: the kernel for that layer (layers may differ in activation)."""
+        super().__init__(pool)
+        self.kernel_of = kernel_of
+        self.prefetcher = prefetcher
+
+    def run(
+        self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise HostWaitInGraphError(
+                "expertflow: step=host waits for loads on the host, which a CUDA graph cannot "
+                "capture; use step=graph (ram store, bf16 experts, no predictor) or enforce_eager"
+            )
+        kernel = self.kernel_of(layer)
+        # Counting hot-set experts against the free slots too is conservative but always fits.
+        rounds = plan_rounds(topk_ids, self.pool.round_capacity)
+        if len(rounds) == 1:
+            experts = rounds[0][1]
+            slots = self.pool.ensure_resident(layer, experts)
+            # After this layer's experts are pinned, so no prefetch can evict them.
+            if self.prefetcher is not None:
+                self.prefetcher.after_routing(layer, x, topk_ids)
+            output = self._compute(kernel, layer, x, topk_weights, topk_ids, slots)
+        else:
+            # The layer alone oversubscribes the pool: no room to prefetch while it computes.
+            output = torch.empty_like(x)
+            for tokens, experts in rounds:
+                slots = self.pool.ensure_resident(layer, experts)
+                output[tokens] = self._compute(
+                    kernel, layer, x[tokens], topk_weights[tokens], topk_ids[tokens], slots
+                )
+        if self.prefetcher is not None:
+            self.prefetcher.after_compute(layer, x, topk_ids, output)
+        return output
+
+    def _compute(
+        self,
+        kernel: SlotKernel,
+        layer: int,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        slots: list[int],
+    ) -> torch.Tensor:
+        try:
+            return kernel(x, topk_weights, self.pool.device_table.remap(layer, topk_ids), self.pool)
+        finally:
+            self.pool.release(slots)
+
+
+class GraphStep(MoEStep):
+    """The kernel serves misses from pinned host memory; the host books them between forwards."""
+
+    def __init__(
+        self, pool: ExpertPool, store: RamStore, kernel: PagedKernel, max_tokens: int
+    ) -> None:
+        """`max_tokens`: the most rows one kernel call takes; larger batches run in chunks."""
+        super().__init__(pool)
+        self.store = store
+        self.kernel = kernel
+        self.max_tokens = max_tokens
+        self.routing_log = RoutingLog(pool.device_table.layers, store.num_experts, pool.device)
+
+    def run(
+        self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        pool, num_tokens = self.pool, x.shape[0]
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if num_tokens > self.max_tokens and not capturing:
+            # A prefill chunk: load what fits so the chunks read the pool rather than the link.
+            pool.admit(layer, topk_ids.unique().tolist())
+            start = time.perf_counter()
+            pool.drain()
+            pool.stats.record_stall(layer, time.perf_counter() - start)
+        else:
+            self.routing_log.record(layer, topk_ids)
+        host = self.store.layer_tensors(layer)
+        row = pool.device_table.row(layer)
+        chunks = [
+            self.kernel(
+                x[start : start + self.max_tokens],
+                topk_ids[start : start + self.max_tokens],
+                topk_weights[start : start + self.max_tokens],
+                row,
+                pool.w13,
+                pool.w2,
+                host["w13"],
+                host["w2"],
+            )
+            for start in range(0, num_tokens, self.max_tokens)
+        ]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def between_forwards(self) -> None:
+        """The last forward's routing: book it and load its misses."""
+        for layer, experts in self.routing_log.collect().items():
+            self.pool.admit(layer, experts)

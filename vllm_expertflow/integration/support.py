@@ -1,0 +1,95 @@
+"""What the expertflow backend can serve: one check, run where vLLM's config is built.
+
+`supports(vllm_config)` answers `(ok, reason)` so a caller can fall back and say why; `check`
+raises the reason as one line. Everything the backend refuses is decided here, from the
+options, the device and the checkpoint's HF config, before any engine process starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_expertflow.core.config import ExpertFlowConfig, ExpertFlowConfigError
+
+# HF config keys that give a MoE layer experts every token runs, outside the router's choice.
+_SHARED_EXPERT_KEYS = (
+    "n_shared_experts",
+    "num_shared_experts",
+    "shared_expert_intermediate_size",
+    "moe_shared_expert_intermediate_size",
+)
+# Model families whose routed experts carry biases (vLLM's `has_bias`).
+_EXPERT_BIAS_MODELS = ("gpt_oss",)
+# Model families with a shared expert whatever their config says.
+_SHARED_EXPERT_MODELS = ("llama4", "llama4_text")
+
+
+def supports(vllm_config: Any) -> tuple[bool, str]:
+    try:
+        check(vllm_config)
+    except ExpertFlowConfigError as error:
+        return False, str(error)
+    return True, ""
+
+
+def check(vllm_config: Any) -> ExpertFlowConfig:
+    """The backend's options for this config; raises ExpertFlowConfigError naming the fix."""
+    config = ExpertFlowConfig.from_dict((vllm_config.additional_config or {}).get("expertflow"))
+    model = vllm_config.model_config
+    quantized = model is not None and model.quantization is not None
+    config.resolved_step(vllm_config.device_config.device_type, quantized=quantized)
+    if model is None:
+        return config
+    feature = unsupported_feature(model.hf_config)
+    if feature is not None:
+        raise ExpertFlowConfigError(
+            f"expertflow: {model.model} has {feature}, which the expertflow backend does not "
+            "offload yet; use another --moe-backend for this model"
+        )
+    if quantized:
+        check_checkpoint(model.quantization, getattr(model.hf_config, "quantization_config", None))
+    return config
+
+
+def unsupported_feature(hf_config: Any) -> str | None:
+    """The model feature the backend cannot serve, in words, or None."""
+    text = getattr(hf_config, "text_config", None) or hf_config
+    model_type = getattr(text, "model_type", "")
+    if model_type in _EXPERT_BIAS_MODELS:
+        return "expert biases"
+    if model_type in _SHARED_EXPERT_MODELS or any(
+        getattr(text, key, None) for key in _SHARED_EXPERT_KEYS
+    ):
+        return "shared experts"
+    return None
+
+
+def check_expert_scheme(weights: Any, activations: Any | None) -> None:
+    """Refuses, in one line, quantized experts the int4 codec cannot expand."""
+    if activations is not None or weights.num_bits != 4 or weights.strategy != "group":
+        got = f"{weights.num_bits}-bit {weights.strategy}" + (
+            " with quantized activations" if activations is not None else ""
+        )
+        raise ExpertFlowConfigError(
+            f"expertflow: quantized experts must be int4 weights with group scales (W4A16), got "
+            f"{got}; `vllm-expertflow quantize` writes such checkpoints"
+        )
+
+
+def check_checkpoint(quantization: str | None, quantization_config: dict | None) -> None:
+    """Checks a checkpoint's quantization where the engine config is built: one clear line."""
+    if quantization is None:
+        return
+    if quantization != "compressed-tensors":
+        raise ExpertFlowConfigError(
+            f"expertflow: {quantization} checkpoints are not supported; offloaded experts must be "
+            "compressed-tensors W4A16 (`vllm-expertflow quantize` writes them)"
+        )
+    from compressed_tensors.quantization import QuantizationArgs
+
+    for group in (quantization_config or {}).get("config_groups", {}).values():
+        activations = group.get("input_activations")
+        check_expert_scheme(
+            QuantizationArgs(**group["weights"]),
+            QuantizationArgs(**activations) if activations else None,
+        )

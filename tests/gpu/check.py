@@ -10,6 +10,7 @@ in under five minutes on one H100/H200. Exits non-zero on any mismatch or failed
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -48,19 +49,15 @@ def _import_project():
 
 _import_project()
 from vllm_expertflow.kernels.fused_moe_uva import (  # noqa: E402
+    MAX_TOKENS,
     fused_moe_uva,
     fused_moe_uva_reference,
 )
-from vllm_expertflow.kernels.prefetch_list import (  # noqa: E402
-    gather_prefetch_list,
-    gather_prefetch_list_reference,
-)
-from vllm_expertflow.kernels.remap import remap_topk, remap_topk_reference  # noqa: E402
 
 from vllm_expertflow.core.device_page_table import DevicePageTable  # noqa: E402
+from vllm_expertflow.core.moe_step import GraphStep  # noqa: E402
 from vllm_expertflow.core.policy import LRUPolicy  # noqa: E402
 from vllm_expertflow.core.pool import ExpertPool  # noqa: E402
-from vllm_expertflow.core.routing_log import RoutingLog  # noqa: E402
 from vllm_expertflow.core.stats import OffloadStats  # noqa: E402
 from vllm_expertflow.core.store import RamStore  # noqa: E402
 
@@ -80,7 +77,7 @@ def _expect(ok: bool, what: str) -> None:
 
 def check_device_page_table(device: torch.device, gen: torch.Generator) -> None:
     table = DevicePageTable([1, 4, 7], 16, device)
-    mirror = torch.full((3, 16), -1, dtype=torch.int32)
+    expected = torch.full((3, 16), -1, dtype=torch.int32)
     storage = table.table.data_ptr()
     for _ in range(64):
         row = int(torch.randint(3, (1,), generator=gen))
@@ -90,32 +87,22 @@ def check_device_page_table(device: torch.device, gen: torch.Generator) -> None:
             table.clear([1, 4, 7][row], expert)
         else:
             table.set([1, 4, 7][row], expert, slot)
-        mirror[row, expert] = slot
-    _expect(torch.equal(table.to_host(), mirror), "DevicePageTable mirrors set/clear")
+        expected[row, expert] = slot
+    _expect(torch.equal(table.to_host(), expected), "DevicePageTable set/clear")
     _expect(table.table.data_ptr() == storage, "DevicePageTable never reallocates")
 
 
 def check_remap(device: torch.device, gen: torch.Generator) -> None:
-    for tokens, top_k, dtype in ((1, 2, torch.int32), (37, 8, torch.int64), (300, 6, torch.int32)):
-        row = torch.randint(-1, 20, (64,), generator=gen, dtype=torch.int32)
-        ids = torch.randint(0, 64, (tokens, top_k), generator=gen).to(dtype)
-        slots, miss = remap_topk(ids.to(device), row.to(device), block=128)
-        ref_slots, ref_miss = remap_topk_reference(ids, row)
-        same = torch.equal(slots.cpu(), ref_slots) and torch.equal(miss.cpu(), ref_miss)
-        _expect(same, f"remap_topk T={tokens} k={top_k} {dtype}")
-
-
-def check_prefetch_list(device: torch.device, gen: torch.Generator) -> None:
-    for tokens, experts, top_k, budget in ((1, 8, 2, 3), (9, 60, 8, 5), (64, 128, 8, 40)):
-        # Distinct multiples of 1/1024 per token: exact sums, so ties resolve identically.
-        perms = [torch.randperm(experts, generator=gen) for _ in range(tokens)]
-        scores = (torch.stack(perms).float() + 1) / 1024
-        row = torch.randint(-1, 4, (experts,), generator=gen, dtype=torch.int32)
-        row[torch.rand(experts, generator=gen) < 0.5] = -1
-        out, count = gather_prefetch_list(scores.to(device), row.to(device), top_k, budget)
-        ref_out, ref_count = gather_prefetch_list_reference(scores, row, top_k, budget)
-        same = torch.equal(out.cpu(), ref_out) and torch.equal(count.cpu(), ref_count)
-        _expect(same, f"gather_prefetch_list T={tokens} E={experts} k={top_k} B={budget}")
+    """The host step's remap (one gather on the device) against a host lookup."""
+    table = DevicePageTable([3], 64, device)
+    slots = torch.randperm(64, generator=gen)
+    for expert, slot in enumerate(slots.tolist()):
+        table.set(3, expert, slot)
+    for tokens, top_k, dtype in ((1, 8, torch.int32), (300, 2, torch.int64)):
+        ids = torch.randint(64, (tokens, top_k), generator=gen, dtype=dtype)
+        remapped = table.remap(3, ids.to(device)).cpu()
+        _expect(remapped.dtype == dtype, f"remap keeps {dtype}")
+        _expect(torch.equal(remapped, slots[ids.long()].to(dtype)), f"remap T={tokens} k={top_k}")
 
 
 def _moe_case(shape, device, gen, pin: bool):
@@ -159,7 +146,7 @@ def check_fused_moe_graph(device: torch.device, gen: torch.Generator) -> None:
     misses, then again after the residents were evicted and the misses loaded."""
     args = list(_moe_case((8, 4, 16, 6, 256, 192), device, gen, pin=True))
     w13_pool, w2_pool, w13_host, w2_host = args[4:]
-    table = DevicePageTable(1, len(args[3]), device)
+    table = DevicePageTable([0], len(args[3]), device)
     table.table[0].copy_(args[3])
     args[3] = table.row(0)
     graph, out = _capture(lambda: fused_moe_uva(*args))
@@ -181,7 +168,6 @@ def check_correctness(device: torch.device, gen: torch.Generator, moe_shapes) ->
     print(f"(i) correctness on {device}")
     check_device_page_table(device, gen)
     check_remap(device, gen)
-    check_prefetch_list(device, gen)
     check_fused_moe(device, gen, moe_shapes)
     check_decode_loop(device.type, gen)
     if device.type == "cuda":
@@ -247,41 +233,16 @@ class MoeLayer:
         self.topk_ids = torch.zeros(batch, top_k, dtype=torch.int32, device=device)
 
     def pool(self, num_slots: int) -> ExpertPool:
-        """The adapter's pool for the graph step: LRU, with its page table mirrored on the GPU."""
-        mirror = DevicePageTable([0], self.experts, self.device)
-        stats = OffloadStats()
-        return ExpertPool(
-            self.store, num_slots, torch.device(self.device), LRUPolicy(), stats, mirror=mirror
-        )
+        """The engine's pool: LRU, with its device page table."""
+        device = torch.device(self.device)
+        return ExpertPool(self.store, num_slots, device, [0], LRUPolicy(), OffloadStats())
 
+    def graph_step(self, pool: ExpertPool) -> GraphStep:
+        """The engine's graph step on this layer, with the kernel the adapter injects."""
+        return GraphStep(pool, self.store, fused_moe_uva, MAX_TOKENS)
 
-class GraphStep:
-    """The adapter's graph step on one layer: the kernel reads slots or, on a miss, pinned host
-    memory, and marks the experts it used; between steps the host books them (pool.admit)."""
-
-    def __init__(self, layer: MoeLayer, pool: ExpertPool) -> None:
-        self.layer, self.pool = layer, pool
-        self.log = RoutingLog([0], layer.experts, layer.device)
-        self.host = layer.store.layer_tensors(0)
-
-    def run(self) -> torch.Tensor:
-        layer, pool = self.layer, self.pool
-        out = fused_moe_uva(
-            layer.x,
-            layer.topk_ids,
-            layer.topk_weights,
-            pool.mirror.row(0),
-            pool.w13,
-            pool.w2,
-            self.host["w13"],
-            self.host["w2"],
-        )
-        self.log.record(0, layer.topk_ids)
-        return out
-
-    def book(self) -> None:
-        for layer, experts in self.log.collect().items():
-            self.pool.admit(layer, experts)
+    def run(self, step: GraphStep) -> torch.Tensor:
+        return step.run(0, self.x, self.topk_weights, self.topk_ids)
 
 
 def _capture(fn):
@@ -305,9 +266,10 @@ def run_loop(layer: MoeLayer, routing: torch.Tensor, fraction: float, graphed: b
     popular = torch.bincount(routing.flatten().long(), minlength=layer.experts)
     pool.admit(0, popular.argsort(descending=True)[:capacity].tolist())
     pool.drain()
-    step = GraphStep(layer, pool)
-    run = _capture(step.run)[0].replay if graphed else step.run
-    step.log.collect()  # forget the warm-up and capture runs
+    step = layer.graph_step(pool)
+    run = functools.partial(layer.run, step)
+    run = _capture(run)[0].replay if graphed else run
+    step.routing_log.collect()  # forget the warm-up and capture runs
     warmup = 3
     for index, ids in enumerate(routing):
         if index == warmup:
@@ -315,7 +277,7 @@ def run_loop(layer: MoeLayer, routing: torch.Tensor, fraction: float, graphed: b
             start, misses = time.perf_counter(), pool.stats.layer(0).misses
         layer.topk_ids.copy_(ids, non_blocking=True)
         out = run()
-        step.book()
+        step.between_forwards()
     _synchronize(layer.device)
     steps = len(routing) - warmup
     misses = pool.stats.layer(0).misses - misses
@@ -330,7 +292,7 @@ def _synchronize(device: str) -> None:
 
 def _expect_step_output(layer: MoeLayer, pool: ExpertPool, step: GraphStep, out) -> None:
     """The last step's output equals the same step computed from host memory alone: slots the
-    loop loaded hold the right experts and the mirror points at them. Silent when it holds."""
+    loop loaded hold the right experts and the page table points at them. Silent if so."""
     everything_missed = torch.full((layer.experts,), -1, dtype=torch.int32)
     reference = fused_moe_uva_reference(
         layer.x,
@@ -339,8 +301,8 @@ def _expect_step_output(layer: MoeLayer, pool: ExpertPool, step: GraphStep, out)
         everything_missed,
         pool.w13,
         pool.w2,
-        step.host["w13"],
-        step.host["w2"],
+        step.store.layer_tensors(0)["w13"],
+        step.store.layer_tensors(0)["w2"],
     )
     if not _close(out, reference):
         raise CheckFailed("decode loop: the last step differs from the all-host reference")
@@ -351,7 +313,7 @@ def check_decode_loop(device: str, gen: torch.Generator) -> None:
     layer = MoeLayer((128, 96, 16, 4), 4, gen, device)
     routing = synthetic_routing(layer.experts, layer.top_k, 4, 8, gen)
     run_loop(layer, routing, 0.25, graphed=False)
-    print("  ok  decode loop (pool, mirror, routing log, admit) at cache 0.25")
+    print("  ok  decode loop (pool, graph step, routing log, admit) at cache 0.25")
 
 
 def synthetic_routing(experts: int, top_k: int, batch: int, steps: int, gen) -> torch.Tensor:

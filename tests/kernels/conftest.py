@@ -9,22 +9,17 @@ import torch
 # into other tests or the engines they start.
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
-from vllm_expertflow.kernels import fused_moe_uva, prefetch_list, remap  # noqa: E402
+from vllm_expertflow.kernels import fused_moe_uva  # noqa: E402
 
 if _previous is None:
     del os.environ["TRITON_INTERPRET"]
 else:
     os.environ["TRITON_INTERPRET"] = _previous
 
-for _kernel in (
-    remap._remap_topk_kernel,
-    prefetch_list._gather_prefetch_list_kernel,
-    fused_moe_uva._moe_up_kernel,
-):
-    assert type(_kernel).__name__ == "InterpretedFunction", (
-        "the kernels were imported before tests/kernels/conftest.py; run them in their own "
-        "pytest process or import them after this conftest"
-    )
+assert type(fused_moe_uva._moe_up_kernel).__name__ == "InterpretedFunction", (
+    "the kernels were imported before tests/kernels/conftest.py; run them in their own "
+    "pytest process or import them after this conftest"
+)
 
 
 @pytest.fixture(autouse=True)

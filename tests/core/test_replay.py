@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from vllm_expertflow.core import replay as replay_module
 from vllm_expertflow.core.predictor import ExpertPredictor
 from vllm_expertflow.core.replay import most_routed_experts, replay
 
@@ -102,19 +101,22 @@ def test_oracle_prefetch_leaves_no_stall_after_the_first_layer():
 
 
 def test_prefetch_never_evicts_the_running_layers_experts(monkeypatch):
+    from vllm_expertflow.core.pool import ExpertPool
+
     running: list = []
-    original_access, original_prefetch = replay_module._Cache.access, replay_module._Cache.prefetch
+    original_ensure, original_prefetch = ExpertPool.ensure_resident, ExpertPool.prefetch
 
-    def access(self, layer, experts):
+    def ensure_resident(self, layer, experts):
         running[:] = [(layer, e) for e in experts]
-        return original_access(self, layer, experts)
+        return original_ensure(self, layer, experts)
 
-    def prefetch(self, keys):
-        original_prefetch(self, keys)
+    def prefetch(self, layer, expert):
+        issued = original_prefetch(self, layer, expert)
         assert all(self.table.lookup(key) is not None for key in running)
+        return issued
 
-    monkeypatch.setattr(replay_module._Cache, "access", access)
-    monkeypatch.setattr(replay_module._Cache, "prefetch", prefetch)
+    monkeypatch.setattr(ExpertPool, "ensure_resident", ensure_resident)
+    monkeypatch.setattr(ExpertPool, "prefetch", prefetch)
     manifest, tensors = random_trace()
     # Room for the running layer and barely one prefetch: every prefetch must evict.
     result = replay(manifest, tensors, K + 1, "prefetch", "lru", OraclePredictor(tensors), 2)

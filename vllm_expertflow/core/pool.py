@@ -63,7 +63,11 @@ class ExpertPool:
         link: EmulatedLink | None = None,
         codec: ExpertCodec | None = None,
     ) -> None:
-        """`layers`: the MoE layer ids, one row each in the device page table."""
+        """`layers`: the MoE layer ids, one row each in the device page table.
+
+        `io_threads=0` loads on the calling thread even in the background (on the CPU): every
+        load has landed when `prefetch` returns, which makes the offline replay deterministic.
+        """
         assert store.layout is not None, "the pool is built after the store is written"
         self.store = store
         self.codec = codec or ExpertCodec()
@@ -77,7 +81,11 @@ class ExpertPool:
         self.w13 = torch.empty((num_slots, *w13.shape), dtype=w13.dtype, device=device)
         self.w2 = torch.empty((num_slots, *w2.shape), dtype=w2.dtype, device=device)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._io = None if self._copy_stream else ThreadPoolExecutor(io_threads, "expertflow-io")
+        self._io = (
+            ThreadPoolExecutor(io_threads, "expertflow-io")
+            if self._copy_stream is None and io_threads > 0
+            else None
+        )
         self._loading: dict[int, _CudaLoad | _ThreadLoad] = {}  # slot -> load still in flight
         self._unused_prefetches: set[int] = set()
         self._num_permanent = 0
@@ -218,7 +226,7 @@ class ExpertPool:
         self, layer: int, expert: int, slot: int, background: bool
     ) -> _CudaLoad | _ThreadLoad:
         if self._copy_stream is None:
-            if background:
+            if background and self._io is not None:
                 return _ThreadLoad(self._io.submit(self._copy_in, layer, expert, slot))
             # A demand load must not queue behind prefetches: it runs on the calling thread.
             done: Future = Future()

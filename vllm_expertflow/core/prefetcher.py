@@ -52,8 +52,10 @@ class Prefetcher:
         depth: int,
         top_k: int,
         context_of: ContextSource | None = None,
+        loads_per_layer: int | None = None,
     ) -> None:
-        """`context_of` is required by predictors with `context_inputs`."""
+        """`context_of` is required by predictors with `context_inputs`; `loads_per_layer`
+        fixes the link budget (the offline replay's link is free) instead of measuring it."""
         assert context_of is not None or not predictor.context_inputs, "context_of is missing"
         self.pool = pool
         self.predictor = predictor
@@ -61,6 +63,7 @@ class Prefetcher:
         self.depth = min(depth, predictor.max_depth)
         self.top_k = top_k
         self.budget = LinkBudget()
+        self.loads_per_layer = loads_per_layer
         policy: EvictionPolicy = pool.policy
         self._predictive = policy if isinstance(policy, PredictivePolicy) else None
 
@@ -87,7 +90,9 @@ class Prefetcher:
         self.budget.layer_started()
         if self._predictive is not None:
             self._predictive.clear_predictions(layer)
-        remaining = self.budget.experts_per_layer(self.pool.mean_load_seconds, self.top_k)
+        remaining = self.loads_per_layer or self.budget.experts_per_layer(
+            self.pool.mean_load_seconds, self.top_k
+        )
         for depth in range(1, self.depth + 1):
             target = self.predictor.target_layer(layer, depth)
             if target is None:

@@ -1,14 +1,15 @@
-"""Offline expert-cache simulation: replay a routing trace through the real page table.
+"""Offline expert-cache simulation: replay a routing trace through the engine's own step.
 
-Batch-1 decode: every traced token is one step that runs the MoE layers in order, and layer L
-needs exactly the experts its router chose. All layers share `num_slots` slots, as in the
-online pool: a layer pins its experts (hits first, then misses loaded on demand), may prefetch
-the experts a predictor expects for the next layers, and releases its pins.
+Batch-1 decode: every traced token is one forward that runs the MoE layers in order, and layer
+L needs exactly the experts its router chose. The replay runs the online code: `HostStep` on an
+`ExpertPool` of zero-byte experts (loads land at once, on the calling thread), the `Prefetcher`
+with its ranking and predictive-policy weights, and the same eviction policies; only the
+kernel (which would compute nothing here) and the link budget (free offline) differ.
 
 Modes:
   ondemand    no prediction; the policy alone decides what stays.
-  prefetch    at layer L, load the predictor's top-k experts for L+1..L+depth into free or
-              evictable slots (never the pinned ones of layer L).
+  prefetch    at layer L, the predictor's top-k experts for L+1..L+depth load into free or
+              evictable slots (never the pinned ones of layer L), as the prefetcher does online.
   static      a fixed resident set (the most routed experts of a training trace) pinned for
               good; misses go through a scratch area of top_k slots.
   belady      offline optimal demand paging: evict the expert whose next use is furthest away.
@@ -23,9 +24,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .page_table import PageTable, PoolExhaustedError
-from .policy import EvictionPolicy, ExpertKey, PredictivePolicy, make_policy
+from .moe_step import HostStep
+from .policy import EvictionPolicy, ExpertKey, make_policy
+from .pool import ExpertPool
 from .predictor import ExpertPredictor, trace_context, trace_layers
+from .prefetcher import Prefetcher
+from .stats import OffloadStats
+from .store import RamStore
 
 MODES = ("ondemand", "prefetch", "static", "belady")
 
@@ -107,73 +112,51 @@ class BeladyPolicy(EvictionPolicy):
         return max(candidates, key=self._next_use.__getitem__, default=None)
 
 
-class _Cache:
-    """The page table plus the counters of one replay; owns pinning and prefetch bookkeeping."""
+class _PrecomputedPredictor(ExpertPredictor):
+    """Replays a predictor's answers, computed for the whole trace in large batches up front.
 
-    def __init__(self, table: PageTable, result: ReplayResult) -> None:
-        self.table = table
-        self.result = result
-        self._unused_prefetches: set[ExpertKey] = set()
+    Scores rank each token's predicted experts in the predictor's order, as the predictor's own
+    scores would; `token` is the trace row being replayed.
+    """
 
-    def _layer(self, layer: int) -> LayerCounts:
-        return self.result.per_layer.setdefault(layer, LayerCounts())
+    def __init__(self, layers: list[int], depth: int, num_experts: int, predicted: dict) -> None:
+        super().__init__(layers, depth)
+        self.num_experts = num_experts
+        self.predicted = predicted
+        self.token = 0
 
-    def _place(self, key: ExpertKey) -> int:
-        slot, evicted = self.table.allocate(key)
-        if evicted in self._unused_prefetches:
-            self._unused_prefetches.discard(evicted)
-            self.result.prefetch_wasted += 1
-        return slot
+    def scores(self, layer, depth, hidden, topk_ids, context=None) -> torch.Tensor:
+        experts = self.predicted[(layer, depth)][self.token]
+        scores = torch.zeros(1, self.num_experts)
+        scores[0, experts] = torch.arange(len(experts), 0, -1, dtype=torch.float32)
+        return scores
 
-    def access(self, layer: int, experts: list[int]) -> list[int]:
-        """Pins the layer's experts, hits first so a miss never evicts one this layer needs."""
-        counts, result = self._layer(layer), self.result
-        keys = [(layer, e) for e in experts]
-        slots = [self.table.lookup(key) for key in keys]
-        for key, slot in zip(keys, slots, strict=True):
-            if slot is not None:
-                self.table.pin(slot)
-                self.table.touch(slot)
-                if key in self._unused_prefetches:
-                    self._unused_prefetches.discard(key)
-                    result.prefetch_used += 1
-        misses = [i for i, slot in enumerate(slots) if slot is None]
-        for i in misses:
-            slots[i] = self._place(keys[i])
-            self.table.pin(slots[i])
-        hits = len(keys) - len(misses)
-        counts.lookups += len(keys)
-        counts.hits += hits
-        counts.demand_misses += len(misses)
-        result.lookups += len(keys)
-        result.hits += hits
-        result.demand_misses += len(misses)
-        return slots  # type: ignore[return-value]
 
-    def prefetch(self, keys: list[ExpertKey]) -> None:
-        """Loads `keys` in order of preference while a slot is free or evictable.
+def _zero_byte_pool(
+    layers: list[int], num_experts: int, num_slots: int, eviction: EvictionPolicy
+) -> ExpertPool:
+    """The engine's pool over experts of no bytes: the bookkeeping without the copies."""
+    store = RamStore(num_experts, pin_memory=False)
+    for layer in layers:
+        store.write_layer(
+            layer, {"w13": torch.empty(num_experts, 0), "w2": torch.empty(num_experts, 0)}
+        )
+    store.finish_writing()
+    device = torch.device("cpu")
+    return ExpertPool(store, num_slots, device, layers, eviction, OffloadStats(), io_threads=0)
 
-        Each wanted key is pinned for the round so a later, less wanted prefetch cannot evict
-        it; the first key with no slot left ends the round.
-        """
-        pinned = []
-        for key in keys:
-            slot = self.table.lookup(key)
-            if slot is None:
-                try:
-                    slot = self._place(key)
-                except PoolExhaustedError:
-                    break
-                self._unused_prefetches.add(key)
-                self.result.prefetch_issued += 1
-                self._layer(key[0]).prefetches += 1
-            self.table.pin(slot)
-            pinned.append(slot)
-        self.release(pinned)
 
-    def release(self, slots: list[int]) -> None:
-        for slot in slots:
-            self.table.unpin(slot)
+def _result(name: str, num_slots: int, stats: OffloadStats) -> ReplayResult:
+    result = ReplayResult(name, num_slots)
+    for layer, s in stats.layers.items():
+        result.per_layer[layer] = LayerCounts(s.lookups, s.hits, s.misses, s.prefetches_issued)
+        result.lookups += s.lookups
+        result.hits += s.hits
+        result.demand_misses += s.misses
+        result.prefetch_issued += s.prefetches_issued
+        result.prefetch_used += s.prefetches_used
+        result.prefetch_wasted += s.prefetches_wasted
+    return result
 
 
 def _trace_steps(
@@ -265,57 +248,29 @@ def replay(
         eviction: EvictionPolicy = BeladyPolicy(_access_times(layers, routed))
     else:
         eviction = make_policy(policy, num_slots, len(layers))
-    result = ReplayResult(name or mode, num_slots)
-    cache = _Cache(PageTable(num_slots, eviction), result)
+    top_k = manifest["top_k"]
+    pool = _zero_byte_pool(layers, manifest["num_experts"], num_slots, eviction)
     if mode == "static":
-        _pin_for_good(cache, (static_keys or [])[: num_slots - manifest["top_k"]])
-    predicted = (
-        _predictions(predictor, manifest, tensors, prefetch_depth) if mode == "prefetch" else {}
-    )
-    predictive = eviction if isinstance(eviction, PredictivePolicy) else None
-    for token in _progress(len(routed[0]), f"replay {result.name}", progress):
+        pool.pin_permanently((static_keys or [])[: num_slots - top_k])
+    prefetcher = None
+    if mode == "prefetch":
+        predicted = _predictions(predictor, manifest, tensors, prefetch_depth)
+        depth = min(prefetch_depth, predictor.max_depth)
+        recorded = _PrecomputedPredictor(layers, depth, manifest["num_experts"], predicted)
+        prefetcher = Prefetcher(pool, recorded, depth, top_k, loads_per_layer=num_slots)
+    step = HostStep(pool, lambda layer: _no_kernel, prefetcher)
+    no_hidden, no_weights = torch.zeros(1, 1), torch.zeros(1, top_k)
+    for token in _progress(len(routed[0]), f"replay {name or mode}", progress):
+        if prefetcher is not None:
+            recorded.token = token
         for li, layer in enumerate(layers):
-            slots = cache.access(layer, routed[li][token])
-            if predictive is not None:
-                predictive.clear_predictions(layer)
-            if predicted:
-                cache.prefetch(_wanted(layers, li, token, prefetch_depth, predicted, predictive))
-            cache.release(slots)
-    return result
+            experts = routed[li][token]
+            step.run(layer, no_hidden, no_weights[:, : len(experts)], torch.tensor([experts]))
+    pool.close()
+    return _result(name or mode, num_slots, pool.stats)
 
 
-def _wanted(
-    layers: list[int],
-    li: int,
-    token: int,
-    depth: int,
-    predicted: dict[tuple[int, int], list[list[int]]],
-    predictive: PredictivePolicy | None,
-) -> list[ExpertKey]:
-    """The experts to prefetch at layer `layers[li]`, nearest layer first.
-
-    A predictive policy also learns how soon each is needed, so eviction keeps the nearer ones.
-    """
-    keys = []
-    for d in range(1, depth + 1):
-        experts = predicted.get((layers[li], d))
-        if experts is None:
-            break
-        for e in experts[token]:
-            key = (layers[li + d], e)
-            keys.append(key)
-            if predictive is not None:
-                predictive.predict(key, float(depth + 1 - d))
-    return keys
-
-
-def _pin_for_good(cache: _Cache, keys: list[ExpertKey]) -> None:
-    for key in keys:
-        slot, _ = cache.table.allocate(key)
-        cache.table.pin(slot)
-
-
-def misses_relative(results: list[ReplayResult], reference: ReplayResult) -> dict[str, float]:
-    """Each run's demand misses as a multiple of the reference run's (Belady's)."""
-    base = max(reference.demand_misses, 1)
-    return {r.name: r.demand_misses / base for r in results}
+def _no_kernel(
+    x: torch.Tensor, topk_weights: torch.Tensor, slot_ids: torch.Tensor, pool: ExpertPool
+) -> torch.Tensor:
+    return x

@@ -1,6 +1,6 @@
 """An emulated link between the store and the pool, for benchmarks only.
 
-On the tiny demo model a load is cheap next to vLLM's per-step overhead, unlike a real
+On the tiny demo model a load is cheap next to vLLM's per-forward overhead, unlike a real
 deployment (a 9 MB expert over PCIe, a 350 MB one over NVMe). Limiting the bytes per second
 that loads may move reproduces a target deployment's load-to-compute ratio. All loads share one
 link, as they share one PCIe lane or one disk: each waits for the transfers queued before it.

@@ -12,7 +12,7 @@ from .policy import EvictionPolicy, ExpertKey
 
 
 class PoolExhaustedError(RuntimeError):
-    """Every slot is pinned by the current step: nothing can be evicted."""
+    """Every slot is pinned by the running layer or by loads: nothing can be evicted."""
 
 
 class PageTable:
@@ -73,10 +73,6 @@ class PageTable:
     @property
     def num_resident(self) -> int:
         return len(self._slot_of)
-
-    @property
-    def num_pinned(self) -> int:
-        return sum(1 for pins in self._pins if pins)
 
     def resident_keys(self) -> list[ExpertKey]:
         return list(self._slot_of)

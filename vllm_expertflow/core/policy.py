@@ -58,7 +58,7 @@ class _RecencyOrder(EvictionPolicy):
         for layer, _ in self._order.values():
             per_layer[layer] = per_layer.get(layer, 0) + 1
         own = [s for s in evictable if self._order[s][0] == incoming[0]]
-        # Layers that grew past their share (a wide batch step) give slots back before a layer
+        # Layers that grew past their share (a wide batch) give slots back before a layer
         # still within its share loses any: otherwise the overflow evicts the layer run next.
         over = [
             s

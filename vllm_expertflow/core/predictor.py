@@ -84,15 +84,6 @@ class GatePredictor(ExpertPredictor):
         return hidden.to(gate.device, torch.float32) @ gate.T
 
 
-def recall_at_k(predicted: torch.Tensor, actual: torch.Tensor) -> float:
-    """Share of the truly routed experts found in a predicted set of the same size.
-
-    `predicted` and `actual` are `[T, k]` expert ids.
-    """
-    hits = (predicted.unsqueeze(-1) == actual.unsqueeze(-2)).any(-1).sum()
-    return hits.item() / actual.numel()
-
-
 def trace_layers(manifest: dict) -> list[int]:
     return [int(layer) for layer in manifest["layers"]]
 

@@ -2,7 +2,7 @@
 
 Layer L's router input and MoE output of a token say little about layer L+1's choice that the
 previous token's do not add to: layer L+1's attention mixes the earlier tokens in. In a prefill
-the previous token is the row above; in a decode step it ran in an earlier step, so each
+the previous token is the row above; in a decode forward it ran in an earlier forward, so each
 request's last row is kept here, per layer, until the request finishes.
 """
 

@@ -1,6 +1,6 @@
 """Which experts each MoE layer routed to during one forward, marked on the device.
 
-A step inside a CUDA graph cannot hand its routing to the host, so it marks the routed experts in
+A forward inside a CUDA graph cannot hand its routing to the host, so it marks the routed experts in
 a fixed `[layers, experts]` tensor (an in-place scatter, captured like any kernel); the host reads
 and clears the marks between forwards, then books hits and loads misses.
 """

@@ -1,4 +1,4 @@
-"""Recording what the router sees and picks, step by step, into a bounded on-disk trace.
+"""Recording what the router sees and picks, forward by forward, into a bounded on-disk trace.
 
 Trace format (a directory):
   manifest.json          {"format": 2, "model": ..., "config_hash": ..., "layers": [...],
@@ -48,7 +48,7 @@ class RoutingTracer:
         self.num_tokens = 0
         self.num_steps = 0
         self._generator = torch.Generator().manual_seed(seed)
-        self._step_rows: torch.Tensor | None = None
+        self._forward_rows: torch.Tensor | None = None
         self._step: dict[str, torch.Tensor] = {}
         self._pending: list[dict[str, torch.Tensor]] = []
         self._pending_tokens = 0
@@ -73,7 +73,7 @@ class RoutingTracer:
             self.end_step()
         if not self._step:
             self._start_step(hidden.shape[0], spans)
-        rows = self._step_rows
+        rows = self._forward_rows
         self._step[f"hidden.{layer}"] = hidden[rows].to("cpu", torch.bfloat16)
         self._step[f"topk_ids.{layer}"] = topk_ids[rows].to("cpu", torch.int16)
         self._step[f"moe_output.{layer}"] = moe_output[rows].to("cpu", torch.bfloat16)
@@ -81,7 +81,7 @@ class RoutingTracer:
     def _start_step(self, num_tokens: int, spans: RequestSpans | None) -> None:
         keep = torch.rand(num_tokens, generator=self._generator) < self.sample_rate
         rows = keep.nonzero().flatten()[: max(self.max_tokens - self.num_tokens, 0)]
-        self._step_rows = rows
+        self._forward_rows = rows
         requests, positions = self._requests_and_positions(num_tokens, spans)
         self._step = {"request_ids": requests[rows], "positions": positions[rows]}
 
@@ -105,7 +105,7 @@ class RoutingTracer:
         if not self._step:
             return
         self.num_steps += 1
-        rows = len(self._step_rows)
+        rows = len(self._forward_rows)
         if rows:
             self._pending.append(self._step)
             self._pending_tokens += rows

@@ -58,19 +58,19 @@ class PackedInt4Codec(ExpertCodec):
         hidden_size: int,
         intermediate_size: int,
         dtype: torch.dtype,
-        dense: ExpertFlowMoEMethod,
+        bf16_method: ExpertFlowMoEMethod,
     ) -> None:
         self.scheme = QuantizationScheme(targets=["Linear"], weights=weights)
         self.w13_shape = (2 * intermediate_size, hidden_size)
         self.w2_shape = (hidden_size, intermediate_size)
         self.dtype = dtype
-        self.dense = dense
+        self.bf16_method = bf16_method
         self._slot_specs: tuple[TensorSpec, TensorSpec] | None = None
 
     def slot_specs(self, layout: ExpertLayout) -> tuple[TensorSpec, TensorSpec]:
         if self._slot_specs is None:
             # The kernel's layout may pad or block the weights: ask it, with one empty expert.
-            slot = self.dense.to_kernel_layout(
+            slot = self.bf16_method.to_kernel_layout(
                 torch.zeros(1, *self.w13_shape, dtype=self.dtype),
                 torch.zeros(1, *self.w2_shape, dtype=self.dtype),
             )
@@ -90,7 +90,7 @@ class PackedInt4Codec(ExpertCodec):
         self, record: dict[str, torch.Tensor], w13_out: torch.Tensor, w2_out: torch.Tensor
     ) -> None:
         w13, w2 = self.dequantize(record)
-        slot = self.dense.to_kernel_layout(w13[None], w2[None])
+        slot = self.bf16_method.to_kernel_layout(w13[None], w2[None])
         w13_out.copy_(slot["w13"][0], non_blocking=True)
         w2_out.copy_(slot["w2"][0], non_blocking=True)
 
@@ -134,7 +134,7 @@ class ExpertFlowWNA16MoEMethod(stock_wna16.CompressedTensorsWNA16MoEMethod):
         moe: FusedMoEConfig,
         layer_name: str | None = None,
     ) -> None:
-        self.dense: ExpertFlowMoEMethod | None = None
+        self.bf16_method: ExpertFlowMoEMethod | None = None
         if moe.moe_backend != BACKEND_NAME:
             super().__init__(weight_quant, input_quant, moe, layer_name)
             return
@@ -148,21 +148,21 @@ class ExpertFlowWNA16MoEMethod(stock_wna16.CompressedTensorsWNA16MoEMethod):
         self.packed_factor = 32 // weight_quant.num_bits
         self.strategy = weight_quant.strategy
         self.group_size = weight_quant.group_size
-        # The dense method owns the pool, the step and the bf16 kernel the slots feed.
-        self.dense = ExpertFlowMoEMethod(moe)
+        # The bf16 method registers the layer, stores it and runs the bf16 kernel the slots feed.
+        self.bf16_method = ExpertFlowMoEMethod(moe)
         _log_int4_path()
 
     @property
     def offloaded(self):
-        return self.dense.offloaded if self.dense is not None else None
+        return self.bf16_method.offloaded if self.bf16_method is not None else None
 
     @property
     def layer_index(self) -> int:
-        return self.dense.layer_index
+        return self.bf16_method.layer_index
 
     @property
     def requires_device_loading(self) -> bool:  # type: ignore[override]
-        return self.dense is None
+        return self.bf16_method is None
 
     def create_weights(
         self,
@@ -174,36 +174,36 @@ class ExpertFlowWNA16MoEMethod(stock_wna16.CompressedTensorsWNA16MoEMethod):
         **extra_weight_attrs,
     ) -> None:
         args = (layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype)
-        if self.dense is None:
+        if self.bf16_method is None:
             return super().create_weights(*args, **extra_weight_attrs)
         codec = PackedInt4Codec(
             self.weight_quant,
             hidden_size,
             intermediate_size_per_partition,
             params_dtype,
-            self.dense,
+            self.bf16_method,
         )
         scheme = "sym" if self.symmetric else "asym"
         store_format = f"int4 {scheme} group {self.group_size}, dequantised on load"
-        device = self.dense.register_layer(
+        device = self.bf16_method.register_layer(
             layer, num_experts, extra_weight_attrs, codec, store_format
         )
         with torch.device(device):
             return super().create_weights(*args, **extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if self.dense is None:
+        if self.bf16_method is None:
             return super().process_weights_after_loading(layer)
-        self.dense.store_layer(layer, lambda: _packed_tensors(layer))
+        self.bf16_method.store_layer(layer, lambda: _packed_tensors(layer))
         for name in (*_STORED_PARAMS.values(), *_SHAPE_PARAMS):
             if hasattr(layer, name):
                 param = getattr(layer, name)
                 replace_parameter(layer, name, torch.empty(0, dtype=param.dtype))
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module):
-        if self.dense is None:
+        if self.bf16_method is None:
             return super().get_fused_moe_quant_config(layer)
-        return self.dense.get_fused_moe_quant_config(layer)
+        return self.bf16_method.get_fused_moe_quant_config(layer)
 
     def apply(
         self,
@@ -214,11 +214,11 @@ class ExpertFlowWNA16MoEMethod(stock_wna16.CompressedTensorsWNA16MoEMethod):
         shared_experts: SharedExperts | None,
         shared_experts_input: torch.Tensor | None,
     ) -> torch.Tensor:
-        if self.dense is None:
+        if self.bf16_method is None:
             return super().apply(
                 layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
             )
-        return self.dense.apply(
+        return self.bf16_method.apply(
             layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
         )
 

@@ -91,15 +91,20 @@ class ScaledInt8Codec(ExpertCodec):
         w2_out.copy_(record["w2_codes"].float() * record["scale"])
 
 
-def test_a_codec_decodes_compressed_records_into_slots_and_loads_count_stored_bytes():
+def int8_pool() -> tuple[ExpertPool, torch.Tensor, torch.Tensor]:
+    """A two-slot pool over int8 records, with the records' codes and scales."""
     store = RamStore(NUM_EXPERTS, pin_memory=False)
     codes = torch.randint(-100, 100, (NUM_EXPERTS, 8, 4), dtype=torch.int8)
     scale = torch.rand(NUM_EXPERTS, 1, 1) + 0.5
     store.write_layer(0, {"w13_codes": codes, "w2_codes": codes[:, :4], "scale": scale})
     store.finish_writing()
-    pool = ExpertPool(
-        store, 2, torch.device("cpu"), [0], LRUPolicy(), OffloadStats(), codec=ScaledInt8Codec()
-    )
+    codec = ScaledInt8Codec()
+    pool = ExpertPool(store, 2, torch.device("cpu"), [0], LRUPolicy(), OffloadStats(), codec=codec)
+    return pool, codes, scale
+
+
+def test_a_codec_decodes_compressed_records_into_slots_and_loads_count_stored_bytes():
+    pool, codes, scale = int8_pool()
     assert pool.w13.dtype == torch.float32 and pool.w13.shape == (2, 8, 4)
     slots = pool.ensure_resident(0, [6])
     assert torch.equal(pool.w13[slots[0]], codes[6].float() * scale[6])
@@ -151,15 +156,9 @@ def test_admit_loads_only_what_fits_beside_pinned_slots():
 
 
 def test_a_prefetch_decodes_compressed_records_on_the_io_thread():
-    store = RamStore(NUM_EXPERTS, pin_memory=False)
-    codes = torch.randint(-100, 100, (NUM_EXPERTS, 8, 4), dtype=torch.int8)
-    scale = torch.rand(NUM_EXPERTS, 1, 1) + 0.5
-    store.write_layer(0, {"w13_codes": codes, "w2_codes": codes[:, :4], "scale": scale})
-    store.finish_writing()
-    codec = ScaledInt8Codec()
-    pool = ExpertPool(store, 2, torch.device("cpu"), [0], LRUPolicy(), OffloadStats(), codec=codec)
+    pool, codes, scale = int8_pool()
     assert pool.prefetch(0, 5)
     slots = pool.ensure_resident(0, [5])  # waits for the prefetch, a hit
     assert torch.equal(pool.w13[slots[0]], codes[5].float() * scale[5])
-    assert codec.threads[0].startswith("expertflow-io")
+    assert pool.codec.threads[0].startswith("expertflow-io")
     assert pool.stats.layer(0).hits == 1 and pool.stats.layer(0).prefetches_used == 1

@@ -3,7 +3,7 @@
 from prometheus_client import CollectorRegistry, generate_latest
 
 from vllm_expertflow.core.stats import OffloadStats
-from vllm_expertflow.integration.metrics import SnapshotCollector, SnapshotWriter
+from vllm_expertflow.metrics import SnapshotCollector, SnapshotWriter
 
 
 def test_collector_sums_worker_snapshots_per_layer(tmp_path, monkeypatch):

@@ -29,8 +29,7 @@ from vllm_expertflow.core.disk_store import DiskStore
 from vllm_expertflow.core.engine import OffloadEngine
 from vllm_expertflow.core.previous_tokens import RequestSpans
 from vllm_expertflow.core.store import ExpertStore, RamStore
-
-from .metrics import SnapshotWriter
+from vllm_expertflow.metrics import SnapshotWriter
 
 logger = logging.getLogger(__name__)
 

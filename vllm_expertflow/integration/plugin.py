@@ -11,8 +11,9 @@ import logging
 
 def register() -> None:
     """Idempotent: vLLM may load general plugins several times in one process."""
+    from vllm_expertflow.metrics import setup_metrics_channel
+
     from . import patches
-    from .metrics import setup_metrics_channel
 
     _route_logs_through_vllm()
     if patches.apply_all():

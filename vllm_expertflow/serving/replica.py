@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from ..integration.metrics import METRICS_DIR_ENV, METRICS_OWNER_ENV, SnapshotCollector
+from ..metrics import METRICS_DIR_ENV, METRICS_OWNER_ENV, SnapshotCollector
 
 logger = logging.getLogger(__name__)
 

@@ -99,3 +99,58 @@ def test_mismatched_layout_is_refused():
     other["w2"] = other["w2"][:, :16]
     with pytest.raises(ValueError, match="expert layout"):
         store.write_layer(1, other)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "[]",
+        '{"format": 2, "layers": [1, 2]}',
+        "null",
+        "\xff\xfe not text",
+    ],
+)
+def test_a_damaged_manifest_is_rebuilt_not_a_crash(tmp_path, damage):
+    write_store(DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS))
+    (tmp_path / MANIFEST).write_bytes(damage.encode("latin-1"))
+    store = DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
+    assert not store.has_layer(0)
+    write_store(store)
+    assert_round_trip_bit_exact(store)
+
+
+def test_a_manifest_with_a_damaged_layout_is_rebuilt(tmp_path):
+    write_store(DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS))
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["layout"] = [{"name": "w2", "shape": [32, 32], "dtype": "no_such_dtype"}]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    store = DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
+    assert store.layout is None and not store.has_layer(0)
+
+
+def test_leftovers_of_a_dead_writer_are_removed_and_a_live_writers_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], text=True, capture_output=True
+    ).stdout.strip()
+    (tmp_path / f"layer_0.bin.{dead}.tmp").write_bytes(b"x" * 4096)
+    (tmp_path / f".manifest.json.{dead}.tmp").write_text("{")
+    live = tmp_path / f"layer_1.bin.{os.getpid()}.tmp"
+    live.write_bytes(b"y")
+    DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
+    assert sorted(os.listdir(tmp_path)) == [live.name]
+
+
+def test_a_layer_that_does_not_fit_is_refused_with_the_bytes(tmp_path, monkeypatch):
+    import shutil
+
+    from vllm_expertflow.core.config import ExpertFlowConfigError
+
+    store = DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(ExpertFlowConfigError, match=r"needs \d+ bytes more for layer 0 .* but 1000 bytes are free"):
+        store.write_layer(0, random_layer(0))
+    assert os.listdir(tmp_path) == []

@@ -15,10 +15,13 @@ import json
 import logging
 import mmap
 import os
+import re
+import shutil
 import threading
 
 import torch
 
+from .config import ExpertFlowConfigError
 from .files import write_text_atomically
 from .store import ExpertLayout, ExpertStore
 
@@ -28,6 +31,8 @@ FORMAT_VERSION = 2  # 2: the layout names each tensor of a record
 MANIFEST = "manifest.json"
 ALIGNMENT = 4096  # O_DIRECT wants offsets, sizes and buffers aligned to the block size
 _HASH_CHUNK = 1 << 22
+# Temporary files of a write in progress (`atomic_path`'s and `_write_layer`'s), with the pid.
+_TEMPORARY = re.compile(r"^\.?(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
 
 class DiskStore(ExpertStore):
@@ -41,6 +46,7 @@ class DiskStore(ExpertStore):
         self._pending: dict[int, str] = {}  # layer -> temp file, renamed by finish_writing
         self._buffers = threading.local()  # one page-aligned read buffer per I/O thread
         os.makedirs(directory, exist_ok=True)
+        self._remove_leftovers()
         self._load_manifest()
 
     def _path(self, name: str) -> str:
@@ -55,15 +61,40 @@ class DiskStore(ExpertStore):
         assert self.layout is not None
         return -(-self.layout.nbytes // ALIGNMENT) * ALIGNMENT
 
+    def _remove_leftovers(self) -> None:
+        """Removes temporary files of writes whose process has died (a killed first start).
+
+        A live writer's files stay: two engines may write the same fresh store at once.
+        """
+        for name in os.listdir(self.directory):
+            match = _TEMPORARY.match(name)
+            if match and not _process_is_alive(int(match["pid"])):
+                path = self._path(name)
+                size = os.path.getsize(path) if os.path.isfile(path) else 0
+                logger.warning(
+                    "expertflow: removing %s (%.1f MiB) left by a store write that did not finish",
+                    path,
+                    size / 2**20,
+                )
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+
     def _load_manifest(self) -> None:
         try:
             with open(self._path(MANIFEST)) as f:
                 manifest = json.load(f)
         except FileNotFoundError:
             return
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             logger.warning(
                 "expertflow: ignoring unreadable store manifest %s: %s", self.directory, e
+            )
+            return
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
+            logger.warning(
+                "expertflow: store manifest in %s is damaged; rebuilding", self.directory
             )
             return
         if (
@@ -75,8 +106,19 @@ class DiskStore(ExpertStore):
                 self.directory,
             )
             return
-        self.layout = ExpertLayout.from_json(manifest["layout"])
-        self._layer_digests = manifest["layers"]
+        try:
+            self.layout = ExpertLayout.from_json(manifest["layout"])
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            logger.warning(
+                "expertflow: store manifest in %s has a damaged layout (%s); rebuilding",
+                self.directory,
+                e,
+            )
+            self.layout = None
+            return
+        self._layer_digests = {
+            layer: digest for layer, digest in manifest["layers"].items() if isinstance(digest, str)
+        }
 
     def has_layer(self, layer: int) -> bool:
         """A layer listed in the manifest counts only after its file passes the checksum."""
@@ -97,6 +139,14 @@ class DiskStore(ExpertStore):
         return True
 
     def _write_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        needed = self.num_experts * self.record_stride
+        free = shutil.disk_usage(self.directory).free
+        if needed > free:
+            raise ExpertFlowConfigError(
+                f"expertflow: the disk store needs {needed} bytes more for layer {layer} in "
+                f"{self.directory} but {free} bytes are free; free space or set store_dir to a "
+                "larger disk"
+            )
         digest = hashlib.blake2b()
         tmp = self._path(f"{self._layer_file(layer)}.{os.getpid()}.tmp")
         padding = bytes(self.record_stride - self.layout.nbytes)
@@ -171,6 +221,16 @@ def _file_digest(path: str) -> str:
             digest.update(chunk)
         _drop_cached_pages(f.fileno())
     return digest.hexdigest()
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 def _drop_cached_pages(fd: int) -> None:

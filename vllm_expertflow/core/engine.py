@@ -237,6 +237,13 @@ class OffloadEngine:
             keys = [tuple(pair) for pair in json.load(f)]
         layers = set(self.layers)
         known = [k for k in keys if k[0] in layers and 0 <= k[1] < self.store.num_experts]
+        if len(known) < len(keys):
+            logger.warning(
+                "expertflow: %d of the %d static_experts pairs name no offloaded MoE layer; "
+                "they are skipped",
+                len(keys) - len(known),
+                len(keys),
+            )
         return known[: max(0, num_slots - self._top_k)]
 
     def _make_prefetcher(self) -> Prefetcher | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_expertflow.core.config import ExpertFlowConfig, ExpertFlowConfigError
+from vllm_expertflow.core.model_shape import MoEShape
+from vllm_expertflow.core.preflight import preflight
 
 # HF config keys that give a MoE layer experts every token runs, outside the router's choice.
 _SHARED_EXPERT_KEYS = (
@@ -48,6 +50,7 @@ def check(vllm_config: Any) -> ExpertFlowConfig:
         )
     if quantized:
         check_checkpoint(model.quantization, getattr(model.hf_config, "quantization_config", None))
+    preflight(config, model.model, MoEShape.of(model.hf_config))
     return config
 
 

@@ -1,0 +1,133 @@
+"""Checks of the options against the model and this machine, before any engine starts.
+
+Everything here can be known in the caller's process: files exist and parse and belong to the
+model, the cache holds one token's experts, the store's folder is writable and has room. A
+failure raises `ExpertFlowConfigError` with one line naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+from .checkpoint import config_hash
+from .config import ExpertFlowConfig, ExpertFlowConfigError
+from .model_shape import MoEShape
+
+
+def preflight(config: ExpertFlowConfig, model_dir: str, shape: MoEShape | None) -> None:
+    """`model_dir` may be a hub id (not a folder): then only what needs no file is checked."""
+    local = os.path.isdir(model_dir)
+    if shape is not None:
+        _check_cache(config, shape)
+        if config.static_experts is not None:
+            _check_static_experts(config.static_experts, shape)
+    if config.predictor.endswith(".safetensors"):
+        _check_predictor(config.predictor, config_hash(model_dir) if local else None)
+    if config.store == "disk":
+        _check_store_dir(config.resolved_store_dir, model_dir if local else None)
+
+
+def _check_cache(config: ExpertFlowConfig, shape: MoEShape) -> None:
+    if config.cache_experts is not None and config.cache_experts < shape.top_k:
+        raise ExpertFlowConfigError(
+            f"expertflow: cache_experts={config.cache_experts} is smaller than the model's top-k "
+            f"of {shape.top_k}; use cache_experts >= {shape.top_k}"
+        )
+
+
+def _check_static_experts(path: str, shape: MoEShape) -> None:
+    try:
+        with open(path) as f:
+            pairs = json.load(f)
+    except FileNotFoundError:
+        raise ExpertFlowConfigError(
+            f"expertflow: static_experts file {path} does not exist; `vllm-expertflow bench` "
+            "writes one (a JSON list of [layer, expert] pairs, hottest first)"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExpertFlowConfigError(
+            f"expertflow: static_experts file {path} is not valid JSON ({e}); it must be a list "
+            "of [layer, expert] pairs, hottest first"
+        ) from None
+    if not isinstance(pairs, list):
+        raise ExpertFlowConfigError(
+            f"expertflow: static_experts file {path} must hold a list of [layer, expert] pairs"
+        )
+    for pair in pairs:
+        valid = (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+        )
+        if not valid or not (0 <= pair[0] < shape.num_layers and 0 <= pair[1] < shape.num_experts):
+            raise ExpertFlowConfigError(
+                f"expertflow: static_experts file {path} names {pair!r}, which is not a "
+                f"[layer, expert] pair of this model ({shape.num_layers} layers, "
+                f"{shape.num_experts} experts)"
+            )
+
+
+def _check_predictor(path: str, model_config_hash: str | None) -> None:
+    from .predictor import load_predictor
+
+    if not os.path.isfile(path):
+        raise ExpertFlowConfigError(
+            f"expertflow: predictor file {path} does not exist; train one with "
+            "`vllm-expertflow train-predictor` or use predictor=gate"
+        )
+    try:
+        load_predictor(path, model_config_hash)
+    except ValueError as e:  # another model's predictor, or not a predictor file
+        raise ExpertFlowConfigError(str(e)) from None
+    except Exception as e:  # safetensors' own error for a truncated or foreign file
+        raise ExpertFlowConfigError(
+            f"expertflow: predictor file {path} cannot be read ({e}); train it again with "
+            "`vllm-expertflow train-predictor`"
+        ) from None
+
+
+def _check_store_dir(store_dir: str, model_dir: str | None) -> None:
+    existing = store_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or (existing == store_dir and not os.path.isdir(store_dir)):
+        raise ExpertFlowConfigError(
+            f"expertflow: store_dir {store_dir} is not a directory; set store_dir to a folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExpertFlowConfigError(
+            f"expertflow: store_dir {store_dir} is not writable; set store_dir to a folder "
+            "this user can write"
+        )
+    if model_dir is None or _has_a_store_of(store_dir, model_dir):
+        return  # a store of this model is there: it is reused or rebuilt in place
+    needed = expert_bytes(model_dir)
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise ExpertFlowConfigError(
+            f"expertflow: the disk store of {os.path.basename(model_dir)} needs about {needed} "
+            f"bytes but {store_dir} has {free} bytes free; free space or set store_dir to a "
+            "larger disk"
+        )
+
+
+def _has_a_store_of(store_dir: str, model_dir: str) -> bool:
+    name = os.path.basename(os.path.normpath(model_dir))
+    return bool(glob.glob(os.path.join(store_dir, f"{name}-*", "manifest.json")))
+
+
+def expert_bytes(model_dir: str) -> int:
+    """Bytes of the checkpoint's routed-expert tensors, read from the safetensors headers."""
+    total = 0
+    for path in glob.glob(os.path.join(model_dir, "*.safetensors")):
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        for name, entry in header.items():
+            if ".experts." in name and isinstance(entry, dict):
+                start, end = entry["data_offsets"]
+                total += end - start
+    return total

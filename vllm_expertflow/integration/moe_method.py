@@ -16,6 +16,7 @@ Built only for layers of a model loaded with `moe_backend="expertflow"` (see
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -96,9 +97,7 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
             self.layer_index,
             num_experts,
             self.moe.experts_per_token,
-            lambda x, topk_weights, slot_ids, pool: self._slot_kernel(
-                layer, x, topk_weights, slot_ids, pool
-            ),
+            functools.partial(self._slot_kernel, layer),
             f"{self.experts_cls.__name__}, {store_format}",
             codec,
         )

@@ -151,6 +151,7 @@ def test_a_layer_that_does_not_fit_is_refused_with_the_bytes(tmp_path, monkeypat
     store = DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
-    with pytest.raises(ExpertFlowConfigError, match=r"needs \d+ bytes more for layer 0 .* but 1000 bytes are free"):
+    refusal = r"needs \d+ bytes more for layer 0 .* but 1000 bytes are free"
+    with pytest.raises(ExpertFlowConfigError, match=refusal):
         store.write_layer(0, random_layer(0))
     assert os.listdir(tmp_path) == []

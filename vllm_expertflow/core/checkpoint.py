@@ -14,7 +14,13 @@ import re
 import torch
 from safetensors import safe_open
 
-_GATE_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
+# A MoE block's router, whatever the family calls the block: `mlp.gate` (Qwen, DeepSeek,
+# OLMoE, GLM), `block_sparse_moe.gate` (Mixtral, Phi-MoE), `feed_forward.router` (Llama-4),
+# `mlp.router` (gpt-oss). Not `shared_expert_gate` (Qwen2-MoE), not a dense MLP's `gate_proj`.
+_GATE_KEY = re.compile(
+    r"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\."
+    r"(?:mlp|block_sparse_moe|feed_forward)\.(?:gate|router)\.weight$"
+)
 
 
 def load_gate_weights(model_dir: str) -> dict[int, torch.Tensor]:
@@ -28,7 +34,8 @@ def load_gate_weights(model_dir: str) -> dict[int, torch.Tensor]:
                     gates[int(match.group(1))] = f.get_tensor(key)
     if not gates:
         raise ValueError(
-            f"expertflow: no MoE gate weights (model.layers.N.mlp.gate.weight) in {model_dir}"
+            f"expertflow: no MoE router weights (e.g. model.layers.N.mlp.gate.weight or "
+            f"model.layers.N.block_sparse_moe.gate.weight) in {model_dir}"
         )
     return gates
 

@@ -55,3 +55,30 @@ def test_a_shared_expert_model_is_refused_in_one_line_before_any_engine_starts(t
     # The stock backend still builds its config for the same model.
     stock = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True).create_engine_config()
     assert stock.kernel_config.moe_backend == "auto"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"cache_experts": 3}, "cache_experts=3 is smaller than the model's top-k of 4"),
+        ({"predictor": "/nonexistent/p.safetensors"}, "p.safetensors does not exist"),
+        (
+            {"policy": "static", "static_experts": "/nonexistent/hot.json"},
+            "hot.json does not exist",
+        ),
+        ({"store": "disk", "store_dir": "/proc/version"}, "is not a directory"),
+    ],
+)
+def test_llm_refuses_in_the_callers_process_and_starts_no_engine(options, message):
+    import multiprocessing
+
+    import psutil
+    from vllm import LLM
+
+    from vllm_expertflow.tools.engine_runs import DEMO_MODEL
+
+    register()
+    with pytest.raises(ValueError, match=message):
+        LLM(str(DEMO_MODEL), moe_backend="expertflow", additional_config={"expertflow": options})
+    assert multiprocessing.active_children() == []
+    assert psutil.Process().children(recursive=True) == []

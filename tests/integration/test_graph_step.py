@@ -6,6 +6,7 @@ import math
 import os
 
 import pytest
+from make_golden import LOGPROB_PROMPT_COUNT, prompt_logprobs
 
 import vllm_expertflow
 from vllm_expertflow.tools.engine_runs import greedy_params, held_out_prompts, open_engine
@@ -30,21 +31,13 @@ def interpreted_triton():
 @pytest.fixture(scope="module")
 def prompts() -> list[str]:
     # Together longer than the kernel's 64-token batches: the prefill takes the chunked path.
-    return held_out_prompts(count=2)
+    return held_out_prompts(count=LOGPROB_PROMPT_COUNT)
 
 
 @pytest.fixture(scope="module")
 def graph_engine(interpreted_triton):
     with open_engine("expertflow", {"cache_fraction": 1.0, "step": "graph"}) as llm:
         yield llm
-
-
-def prompt_logprobs(llm, prompts: list[str]) -> list[list[float]]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    return [[next(iter(p.values())).logprob for p in o.prompt_logprobs[1:]] for o in outputs]
 
 
 def test_tokens_do_not_depend_on_the_cache_size(graph_engine, prompts, demo_config):
@@ -71,9 +64,10 @@ def test_tokens_do_not_depend_on_the_cache_size(graph_engine, prompts, demo_conf
     assert runs["0.25"][1]["hits"] > 0
 
 
-def test_prompt_logprobs_match_the_stock_kernel(graph_engine, prompts, interpreted_triton):
-    with open_engine("auto") as stock:
-        expected = prompt_logprobs(stock, prompts)
+def test_prompt_logprobs_match_the_stock_kernel(graph_engine, prompts, golden):
+    # The stock engine's, on these prompts with the same engine arguments (make_golden.py).
+    assert golden["prompt_logprobs"]["prompts"] == prompts
+    expected = golden["outputs"]["prompt_logprobs"]["logprobs"]
     vllm_expertflow.reconfigure(graph_engine, {"cache_fraction": 0.25, "step": "graph"})
     actual = prompt_logprobs(graph_engine, prompts)
     pairs = zip(actual, expected, strict=True)

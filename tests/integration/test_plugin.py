@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from make_golden import GOLDEN, REGENERATE, run_stock
+from make_golden import GOLDEN, REGENERATE, greedy_outputs, open_stock_engine, prompt_logprobs
 
 from vllm_expertflow.integration.plugin import register
 
@@ -45,15 +45,23 @@ def test_bad_options_fail_with_one_line_naming_the_valid_keys():
 
 @pytest.mark.engine
 def test_stock_engine_still_gives_the_golden_tokens(golden, stock_run):
-    """The suite's one stock engine; the equivalence tests compare with golden/stock_tokens.json.
+    """The suite's one stock engine; the other tests compare with golden/stock_tokens.json.
 
     make_golden.py wrote that file from vLLM with no plugin loaded; this engine runs with
-    ExpertFlow's plugin loaded. Equal tokens: the file is not stale, and the plugin leaves
+    ExpertFlow's plugin loaded. Equal outputs: the file is not stale, and the plugin leaves
     vLLM's stock backend untouched.
     """
-    live = run_stock(golden["greedy"])
-    assert live["token_ids"] == stock_run.token_ids, (
-        f"the stock backend's tokens differ from {GOLDEN.name}: the plugin changed the stock "
+    stale = (
+        f"the stock backend's outputs differ from {GOLDEN.name}: the plugin changed the stock "
         f"backend, or vLLM's numbers changed and the file is stale (then `{REGENERATE}`)"
     )
-    assert live["texts"] == stock_run.texts
+    with open_stock_engine(golden["greedy"]) as llm:
+        live = greedy_outputs(llm, golden["greedy"]["prompts"])
+        # The graph step's reference, made at a 512-token batch budget with Triton's interpreter
+        # on: the stock backend's prompt log-probs depend on neither (equal here on AVX512).
+        logprobs = prompt_logprobs(llm, golden["prompt_logprobs"]["prompts"])
+    assert live["token_ids"] == stock_run.token_ids, stale
+    assert live["texts"] == stock_run.texts, stale
+    expected = golden["outputs"]["prompt_logprobs"]["logprobs"]
+    pairs = zip(logprobs, expected, strict=True)
+    assert max(abs(a - b) for xs, ys in pairs for a, b in zip(xs, ys, strict=True)) < 1e-3, stale

@@ -9,39 +9,24 @@ identical expert values, stock kernel, no offloading.
 import json
 import os
 import shutil
-from argparse import Namespace
 
 import pytest
 import torch
-from conftest import MAX_NUM_BATCHED_TOKENS
+from conftest import MAX_NUM_BATCHED_TOKENS, QUANT_GROUP_SIZE
 
 import vllm_expertflow
-from vllm_expertflow.tools import quantize
 from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine, run_greedy
 
 pytestmark = pytest.mark.engine
 
-GROUP_SIZE = 64
+GROUP_SIZE = QUANT_GROUP_SIZE
 
 
 @pytest.fixture(scope="module", params=["gptq", "awq"])
-def quantized(request, tmp_path_factory):
-    """A quantized demo model (tiny calibration) and the stock backend's tokens on it."""
+def quantized(request, quantized_demo):
+    """A quantized demo model and its bf16-expanded reference (quantized once per session)."""
     method = request.param
-    out = tmp_path_factory.mktemp("quantized") / f"demo-{method}"
-    args = Namespace(
-        model=DEMO_MODEL,
-        method=method,
-        bits=4,
-        group_size=GROUP_SIZE,
-        calibration=[DEMO_MODEL / "heldout_pydoc.txt"],
-        samples=8,
-        seq_len=128,
-        out=out,
-    )
-    assert quantize.run(args) == 0
-    reference = out.with_name(f"{out.name}-dequantized")
-    quantize.write_dequantized(out, reference)
+    out, reference = quantized_demo(method)
     return method, out, reference
 
 

@@ -1,19 +1,33 @@
 """Two Ray Serve replicas of the demo model behind one endpoint: answers, faults, metrics."""
 
+import importlib.util
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
 
-from vllm_expertflow.tools.engine_runs import DEMO_MODEL, held_out_prompts, run_greedy
+from vllm_expertflow.tools.engine_runs import DEMO_MODEL, held_out_prompts
 
 pytestmark = pytest.mark.engine
 
-MAX_NUM_BATCHED_TOKENS = 64
 PORT = 18765
 BASE = f"http://127.0.0.1:{PORT}"
+
+
+def load_make_golden():
+    """tests/integration/make_golden.py: the stock backend's golden tokens and their checks."""
+    path = Path(__file__).resolve().parents[1] / "integration" / "make_golden.py"
+    spec = importlib.util.spec_from_file_location("make_golden", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_golden = load_make_golden()
+MAX_NUM_BATCHED_TOKENS = make_golden.MAX_NUM_BATCHED_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +37,17 @@ def prompts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def stock(prompts):
-    return run_greedy(prompts, "auto", max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS)
+    """The stock backend's greedy tokens on `prompts`, from tests/integration/golden/."""
+    try:
+        golden = make_golden.load_golden()
+    except ValueError as error:
+        pytest.fail(str(error), pytrace=False)
+    assert golden["greedy"]["prompts"] == prompts
+    return make_golden.golden_run(golden)
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, stock):  # `stock` first: one engine at a time while it runs
+def app(tmp_path_factory):
     from vllm_expertflow.serving.app import build_app, start, stop
 
     options = {

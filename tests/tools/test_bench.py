@@ -1,5 +1,6 @@
 """`vllm-expertflow bench --quick` on tiny settings: the results hold together."""
 
+import argparse
 import json
 
 import pytest
@@ -12,6 +13,7 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+    """`--quick` without `--policies`: the quick policy list must be the one that runs."""
     out = tmp_path_factory.mktemp("bench")
     argv = [
         "bench",
@@ -22,8 +24,6 @@ def results(tmp_path_factory):
         "1",
         "--decode-tokens",
         "4",
-        "--policies",
-        "stock,lru-ondemand,learned,belady",
         "--store",
         "disk",
         "--store-dir",
@@ -43,6 +43,31 @@ def test_schema_names_every_unit(results):
     assert str(DEMO_MODEL) == results["model"]
     for row in results["online"]:
         assert {"policy", "cache_fraction", "batch", "decode_tokens_per_s"} <= set(row)
+
+
+def test_quick_runs_its_own_policy_list(results):
+    from vllm_expertflow.tools.bench import QUICK
+
+    assert QUICK["policies"] == "stock,lru-ondemand,learned,belady"
+    assert {row["policy"] for row in results["online"]} == {"stock", "lru-ondemand", "learned"}
+    assert {row["policy"] for row in results["offline"]} == {"lru-ondemand", "learned", "belady"}
+
+
+def test_explicit_options_win_over_quick_and_full_defaults():
+    from vllm_expertflow.tools.bench import FULL, QUICK, add_arguments, resolve_defaults
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cases = [
+        (["--quick"], QUICK["policies"], QUICK["budgets"]),
+        ([], FULL["policies"], FULL["budgets"]),
+        (["--quick", "--policies", "stock,gate"], "stock,gate", QUICK["budgets"]),
+        (["--policies", "static", "--budgets", "0.5"], "static", "0.5"),
+    ]
+    for argv, policies, budgets in cases:
+        args = parser.parse_args([*argv, "--out", "unused"])
+        resolve_defaults(args)
+        assert (args.policies, args.budgets) == (policies, budgets), argv
 
 
 def test_online_counts_add_up_and_stock_is_the_unit(results):

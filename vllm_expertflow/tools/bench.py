@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", choices=("ram", "disk"), default="disk")
     parser.add_argument("--store-dir", default=None)
     parser.add_argument(
-        "--policies", default="stock,lru-ondemand,static,gate,transition,learned,belady"
+        "--policies",
+        help=f"comma-separated (default {FULL['policies']}; --quick: {QUICK['policies']})",
     )
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--decode-tokens", type=int)
@@ -97,10 +98,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True)
 
 
-def run(args: argparse.Namespace) -> int:
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fills every option left unset (None) from QUICK or FULL; options given explicitly win."""
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+
+
+def run(args: argparse.Namespace) -> int:
+    resolve_defaults(args)
     budgets = [float(b) for b in args.budgets.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     policies = args.policies.split(",")
@@ -277,10 +283,10 @@ def add_ratios(rows: list[dict]) -> None:
 
 def offline_rows(args, budgets, policies, trace_dir: Path) -> list[dict]:
     """Replays of the recorded trace: loads per policy against Belady, and predictor recall."""
+    from vllm_expertflow.core.checkpoint import config_hash, load_gate_weights
     from vllm_expertflow.core.predictor import GatePredictor, load_predictor, predictor_recall
     from vllm_expertflow.core.replay import replay, slots_for_fraction
     from vllm_expertflow.core.tracer import read_trace
-    from vllm_expertflow.integration.checkpoint import config_hash, load_gate_weights
 
     manifest, tensors = read_trace(str(trace_dir))
     gates = load_gate_weights(str(args.model))

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vllm_expertflow.core.files import write_text_atomically
 from vllm_expertflow.tools.engine_runs import (
     DEMO_MODEL,
     EngineRun,
@@ -185,16 +186,6 @@ def run_stock(spec: dict[str, Any], logprobs: bool = False) -> dict[str, Any]:
                 os.environ[key] = value
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def main() -> int:
     # Pure vLLM: the plugin must not be loaded in the reference (test_plugin.py checks that
     # loading it leaves the stock backend's tokens unchanged).
@@ -209,7 +200,7 @@ def main() -> int:
             "prompt_logprobs": run_stock(header["prompt_logprobs"], logprobs=True),
         },
     }
-    write_atomically(GOLDEN, json.dumps(golden, indent=1) + "\n")
+    write_text_atomically(GOLDEN, json.dumps(golden, indent=1) + "\n")
     print(f"wrote {GOLDEN}")
     return 0
 

@@ -65,6 +65,8 @@ class OffloadEngine:
         self._kernels: dict[int, SlotKernel] = {}
         self._top_k = 0
         self._spans: RequestSpans | None = None
+        self._paged_kernel: tuple[PagedKernel, int] | None = None
+        self._shared_expert_bytes = 0
 
     @property
     def layers(self) -> list[int]:
@@ -99,16 +101,20 @@ class OffloadEngine:
         self._top_k = max(self._top_k, top_k)
         self._kernels[layer] = kernel
 
-    def build(self, paged_kernel: tuple[PagedKernel, int] | None = None) -> None:
+    def build(
+        self, paged_kernel: tuple[PagedKernel, int] | None = None, shared_expert_bytes: int = 0
+    ) -> None:
         """The model is loaded and every layer stored: allocate the pool and the step.
 
-        `paged_kernel` (the kernel and its most rows per call) is the graph step's.
+        `paged_kernel` (the kernel and its most rows per call) is the graph step's;
+        `shared_expert_bytes`, experts every token runs, stay resident outside the pool.
         """
         assert self.pool is None, "built twice"
         missing = [layer for layer in self.layers if not self.store.has_layer(layer)]
         assert not missing, f"layers {missing} were never written to the store"
         self.store.finish_writing()
         self._paged_kernel = paged_kernel
+        self._shared_expert_bytes = shared_expert_bytes
         self._build_pool()
 
     def reconfigure(self, options: dict) -> None:
@@ -215,12 +221,14 @@ class OffloadEngine:
         if self.config.static_experts is not None:
             self.pool.pin_permanently(self._static_hot_set(num_slots))
         logger.info(
-            "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %.1f KiB "
-            "read per load, %s store%s, policy %s, predictor %s, %s step)",
+            "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %.1f MiB "
+            "of shared experts resident beside it, %.1f KiB read per load, %s store%s, policy "
+            "%s, predictor %s, %s step)",
             num_slots,
             len(layers),
             self.store.num_experts,
             num_slots * slot_bytes / 2**20,
+            self._shared_expert_bytes / 2**20,
             self.store.layout.nbytes / 2**10,
             self.config.store,
             f", reads bypass the page cache with {self.store.bypass}"

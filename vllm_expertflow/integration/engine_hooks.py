@@ -86,8 +86,8 @@ def loading_model() -> OffloadedModel:
     return model
 
 
-def finish_loading(model: OffloadedModel) -> None:
-    """Every weight is loaded and stored: build the pool and the step."""
+def finish_loading(model: OffloadedModel, module: torch.nn.Module) -> None:
+    """Every weight of `module` is loaded and stored: build the pool and the step."""
     engine = model.engine
     if not engine.layers:
         logger.warning(
@@ -102,8 +102,17 @@ def finish_loading(model: OffloadedModel) -> None:
         from vllm_expertflow.kernels.fused_moe_uva import MAX_TOKENS, fused_moe_uva
 
         paged_kernel = (fused_moe_uva, MAX_TOKENS)
-    engine.build(paged_kernel)
+    engine.build(paged_kernel, shared_expert_bytes(module))
     atexit.register(model.shutdown)
+
+
+def shared_expert_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the experts every token runs (shared experts): resident, outside the pool."""
+    return sum(
+        param.nbytes
+        for name, param in module.named_parameters()
+        if ".shared_expert" in name  # shared_expert (Qwen2-MoE, Llama-4), shared_experts
+    )
 
 
 def offloaded_models(module: torch.nn.Module) -> list[OffloadedModel]:

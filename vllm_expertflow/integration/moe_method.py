@@ -58,6 +58,13 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         self.layer_index = -1
 
     @property
+    def mk_can_overlap_shared_experts(self) -> bool:  # type: ignore[override]
+        # Shared experts run for every token from their own resident weights, outside the pool.
+        # vLLM's runner computes them (on a side stream on CUDA, overlapping the routed experts)
+        # instead of the kernel, which may run once per round here.
+        return self.offloaded is None and super().mk_can_overlap_shared_experts
+
+    @property
     def requires_device_loading(self) -> bool:  # type: ignore[override]
         # Offloaded experts are converted from host memory; moving them to the device first
         # would materialise every expert there.
@@ -167,8 +174,8 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
             return super().apply(
                 layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
             )
-        # support.check refused models with shared experts where the config was built.
-        assert shared_experts is None, "expertflow cannot run shared experts"
+        # `shared_experts` is not ours to run: with mk_can_overlap_shared_experts False, vLLM's
+        # runner has computed them already (they only run when called in the order it chose).
         # An opaque op: the step reads routing on the host, which torch.compile cannot trace.
         return torch.ops.expertflow.moe_step(x, topk_weights, topk_ids, layer.layer_name)
 

@@ -13,17 +13,8 @@ from vllm_expertflow.core.config import ExpertFlowConfig, ExpertFlowConfigError
 from vllm_expertflow.core.model_shape import MoEShape
 from vllm_expertflow.core.preflight import preflight
 
-# HF config keys that give a MoE layer experts every token runs, outside the router's choice.
-_SHARED_EXPERT_KEYS = (
-    "n_shared_experts",
-    "num_shared_experts",
-    "shared_expert_intermediate_size",
-    "moe_shared_expert_intermediate_size",
-)
 # Model families whose routed experts carry biases (vLLM's `has_bias`).
 _EXPERT_BIAS_MODELS = ("gpt_oss",)
-# Model families with a shared expert whatever their config says.
-_SHARED_EXPERT_MODELS = ("llama4", "llama4_text")
 
 
 def supports(vllm_config: Any) -> tuple[bool, str]:
@@ -60,10 +51,6 @@ def unsupported_feature(hf_config: Any) -> str | None:
     model_type = getattr(text, "model_type", "")
     if model_type in _EXPERT_BIAS_MODELS:
         return "expert biases"
-    if model_type in _SHARED_EXPERT_MODELS or any(
-        getattr(text, key, None) for key in _SHARED_EXPERT_KEYS
-    ):
-        return "shared experts"
     return None
 
 

@@ -36,7 +36,7 @@ def apply() -> None:
         model_runner.apply()
         with engine_hooks.open_model_load(vllm_config, model_config) as offloaded:
             model = original(self, vllm_config, model_config, prefix)
-        engine_hooks.finish_loading(offloaded)
+        engine_hooks.finish_loading(offloaded, model)
         return model
 
     load_model._expertflow_wrapped = True

@@ -37,6 +37,16 @@ _MLA = {  # DeepSeek's multi-head latent attention: vLLM's MLA wants 256 + 64 = 
     "qk_rope_head_dim": 64,
     "v_head_dim": 32,
 }
+# DeepSeek-style MoE blocks (DeepSeek, GLM-4.5): a shared expert beside 8 routed, a dense first
+# layer.
+_DEEPSEEK_MOE = {
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "intermediate_size": 128,
+    "first_k_dense_replace": 1,
+}
 
 # model_type and what sets its MoE apart, on top of _COMMON.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -57,25 +67,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "intermediate_size": 128,
     },
     "deepseek_v2": {
+        **_DEEPSEEK_MOE,
         **_MLA,
-        "n_routed_experts": 8,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 64,
-        "intermediate_size": 128,
-        "first_k_dense_replace": 1,
         "n_group": 1,
         "topk_group": 1,
         "topk_method": "greedy",
     },
     "deepseek_v3": {
+        **_DEEPSEEK_MOE,
         **_MLA,
-        "n_routed_experts": 8,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 64,
-        "intermediate_size": 128,
-        "first_k_dense_replace": 1,
         "n_group": 2,  # grouped top-k, sigmoid scores, a score-correction bias
         "topk_group": 1,
         "topk_method": "noaux_tc",
@@ -92,12 +92,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "attention_chunk_size": 512,
     },
     "glm4_moe": {
-        "n_routed_experts": 8,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 64,
-        "intermediate_size": 128,
-        "first_k_dense_replace": 1,
+        **_DEEPSEEK_MOE,
         "n_group": 2,  # grouped top-k over sigmoid scores with a score-correction bias
         "topk_group": 1,
         "routed_scaling_factor": 2.5,

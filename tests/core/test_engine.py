@@ -100,3 +100,13 @@ def test_a_tracer_records_rows_by_request_from_the_forwards_spans(tmp_path):
     _, tensors = read_trace(str(tmp_path))
     assert tensors["request_ids"].tolist() == [0, 0, 1, 1, 1, 1, 0]
     assert tensors["positions"].tolist() == [0, 1, 0, 1, 2, 3, 2]
+
+
+def test_request_spans_are_read_only_by_the_tracer_or_a_context_predictor(tmp_path):
+    from vllm_expertflow.core.tracer import RoutingTracer
+
+    engine, _ = make_engine({"cache_fraction": 1.0})
+    engine.build()
+    assert not engine.reads_request_spans
+    engine.tracer = RoutingTracer(str(tmp_path), {"layers": list(LAYERS)}, max_tokens=10)
+    assert engine.reads_request_spans

@@ -223,6 +223,11 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+def store_folder_prefix(model: str) -> str:
+    """How the folders of a model's stores start: `<model folder name>-` then a content key."""
+    return f"{os.path.basename(os.path.normpath(model)) or 'model'}-"
+
+
 def _process_is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -148,6 +148,12 @@ class OffloadEngine:
                 f"expertflow: cannot grow the pool on a GPU past its {old_slots} start-up slots"
             )
 
+    @property
+    def reads_request_spans(self) -> bool:
+        """Whether anything uses the batch's request spans: the tracer, a context predictor."""
+        predictor = self.prefetcher.predictor if self.prefetcher is not None else None
+        return self.tracer is not None or bool(predictor and predictor.context_inputs)
+
     def forward_started(self, spans: RequestSpans | None, finished: set[str]) -> None:
         """Before each forward, on the host and outside any CUDA graph.
 

@@ -14,6 +14,7 @@ import shutil
 
 from .checkpoint import config_hash
 from .config import ExpertFlowConfig, ExpertFlowConfigError
+from .disk_store import store_folder_prefix
 from .model_shape import MoEShape
 
 
@@ -115,8 +116,8 @@ def _check_store_dir(store_dir: str, model_dir: str | None) -> None:
 
 
 def _has_a_store_of(store_dir: str, model_dir: str) -> bool:
-    name = os.path.basename(os.path.normpath(model_dir))
-    return bool(glob.glob(os.path.join(store_dir, f"{name}-*", "manifest.json")))
+    prefix = glob.escape(store_folder_prefix(model_dir))
+    return bool(glob.glob(os.path.join(store_dir, f"{prefix}*", "manifest.json")))
 
 
 def expert_bytes(model_dir: str) -> int:

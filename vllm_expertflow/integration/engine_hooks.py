@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vllm_expertflow.core.config import ExpertFlowConfig
-from vllm_expertflow.core.disk_store import DiskStore
+from vllm_expertflow.core.disk_store import DiskStore, store_folder_prefix
 from vllm_expertflow.core.engine import OffloadEngine
 from vllm_expertflow.core.previous_tokens import RequestSpans
 from vllm_expertflow.core.store import ExpertStore, RamStore
@@ -130,7 +130,8 @@ def before_forward(runner: Any, scheduler_output: Any) -> None:
     models = _models_of_runner(runner)
     if not models:
         return
-    spans = request_spans(runner, scheduler_output)
+    wanted = any(model.engine.reads_request_spans for model in models)
+    spans = request_spans(runner, scheduler_output) if wanted else None
     for model in models:
         model.engine.forward_started(spans, scheduler_output.finished_req_ids)
 
@@ -178,8 +179,9 @@ def _make_store(
         return RamStore(num_experts, pin_memory=device.type == "cuda")
     fingerprint = _fingerprint(model_config, num_experts, store_format)
     digest = hashlib.blake2b(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    name = os.path.basename(os.path.normpath(model_config.model)) or "model"
-    directory = os.path.join(config.resolved_store_dir, f"{name}-{digest[:16]}")
+    directory = os.path.join(
+        config.resolved_store_dir, f"{store_folder_prefix(model_config.model)}{digest[:16]}"
+    )
     return DiskStore(directory, fingerprint, num_experts)
 
 

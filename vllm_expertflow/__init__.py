@@ -21,3 +21,9 @@ def reconfigure(llm: Any, options: dict) -> None:
     restart from zero. Meant for comparing cache sizes, policies and predictors in one engine.
     """
     llm.collective_rpc("expertflow_reconfigure", args=(options,))
+
+
+def measure_load_seconds(llm: Any, count: int = 64) -> float:
+    """Seconds per expert load of an `LLM` built with `moe_backend="expertflow"`: `count` loads
+    through its store as its pool issues them (same reads, same parallelism), into scratch."""
+    return llm.collective_rpc("expertflow_measure_load_seconds", args=(count,))[0]

@@ -11,6 +11,10 @@ import sys
 # `vllm-expertflow --help` does not pay for torch or vllm.
 SUBCOMMANDS = {
     "build-demo-model": ("vllm_expertflow.tools.build_demo_model", "train the demo Qwen3-MoE"),
+    "widen-model": (
+        "vllm_expertflow.tools.widen_model",
+        "the same model with N times wider experts (real-sized experts, trained routing)",
+    ),
     "trace": ("vllm_expertflow.tools.trace", "record routing traces with the real engine"),
     "bench": ("vllm_expertflow.tools.bench", "decode/prefill speed against the stock backend"),
     "train-predictor": (

@@ -162,3 +162,19 @@ def test_a_prefetch_decodes_compressed_records_on_the_io_thread():
     assert torch.equal(pool.w13[slots[0]], codes[5].float() * scale[5])
     assert pool.codec.threads[0].startswith("expertflow-io")
     assert pool.stats.layer(0).hits == 1 and pool.stats.layer(0).prefetches_used == 1
+
+
+def test_measuring_loads_reads_through_the_link_and_leaves_the_pool_as_it_was():
+    from vllm_expertflow.core.link import EmulatedLink
+
+    pool, weights = make_pool(4)
+    slots = pool.ensure_resident(0, [3, 5])
+    pool.release(slots)
+    before = (pool.w13.clone(), pool.stats.as_dict(), pool.device_table.row(0).clone())
+    # A link that moves one expert in 5 ms: loads share it, so none can be faster on average.
+    pool.link = EmulatedLink(pool.store.layout.nbytes / 0.005 / 1e9)
+    seconds = pool.measure_load_seconds(8)
+    assert seconds >= 0.005
+    assert torch.equal(pool.w13, before[0])
+    assert pool.stats.as_dict() == before[1]
+    assert torch.equal(pool.device_table.row(0), before[2])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vllm_expertflow.core.checkpoint import config_hash
+from vllm_expertflow.core.checkpoint import routing_config_hash
 from vllm_expertflow.core.config import ExpertFlowConfig, ExpertFlowConfigError
 from vllm_expertflow.core.model_shape import MoEShape
 from vllm_expertflow.core.predictor import TransitionPredictor, save_predictor
@@ -85,7 +85,7 @@ def test_predictor_files_are_checked(model_dir, tmp_path):
         return TransitionPredictor([0, 1], 1, counts, totals, {"config_hash": origin_hash})
 
     ours, other = str(tmp_path / "ours.safetensors"), str(tmp_path / "other.safetensors")
-    save_predictor(transition(config_hash(model_dir)), ours)
+    save_predictor(transition(routing_config_hash(model_dir)), ours)
     check(model_dir, predictor=ours)
     save_predictor(transition("0" * 64), other)
     with pytest.raises(ExpertFlowConfigError, match="trained for model config hash 0000"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import re
 
@@ -40,7 +41,17 @@ def load_gate_weights(model_dir: str) -> dict[int, torch.Tensor]:
     return gates
 
 
-def config_hash(model_dir: str) -> str:
-    """Identifies a model's architecture: predictors and traces are only valid for it."""
+# Set by `vllm-expertflow widen-model` in the config of a checkpoint whose experts were widened
+# without changing what they compute: {"model": ..., "config_hash": ..., "factor": N}.
+WIDENED_FROM_KEY = "expertflow_widened_from"
+
+
+def routing_config_hash(model_dir: str) -> str:
+    """Identifies the model whose routing a checkpoint has: predictors and traces are valid only
+    for it. The hash of its config.json, or for a widened checkpoint, of the original's."""
     with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        raw = f.read()
+    widened_from = json.loads(raw).get(WIDENED_FROM_KEY)
+    if widened_from is not None:
+        return widened_from["config_hash"]
+    return hashlib.sha256(raw).hexdigest()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .checkpoint import config_hash, load_gate_weights
+from .checkpoint import load_gate_weights, routing_config_hash
 from .config import ExpertFlowConfig, ExpertFlowConfigError
 from .disk_store import DiskStore
 from .link import EmulatedLink
@@ -267,7 +267,7 @@ class OffloadEngine:
         if name == "gate":
             predictor = GatePredictor(load_gate_weights(self.model_dir), self.config.prefetch_depth)
         else:
-            predictor = load_predictor(name, config_hash(self.model_dir))
+            predictor = load_predictor(name, routing_config_hash(self.model_dir))
         return Prefetcher(
             self.pool, predictor, self.config.prefetch_depth, self._top_k, self._context
         )

@@ -103,8 +103,10 @@ class HostStep(MoEStep):
         else:
             # The layer alone oversubscribes the pool: no room to prefetch while it computes.
             output = torch.empty_like(x)
+            booked: set[int] = set()
             for tokens, experts in rounds:
-                slots = self.pool.ensure_resident(layer, experts)
+                slots = self.pool.ensure_resident(layer, experts, booked)
+                booked.update(experts)
                 output[tokens] = self._compute(
                     kernel, layer, x[tokens], topk_weights[tokens], topk_ids[tokens], slots
                 )

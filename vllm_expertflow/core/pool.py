@@ -12,7 +12,7 @@ The host `PageTable` decides where experts go; its `DevicePageTable` copy is wha
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -81,6 +81,7 @@ class ExpertPool:
         self.w13 = torch.empty((num_slots, *w13.shape), dtype=w13.dtype, device=device)
         self.w2 = torch.empty((num_slots, *w2.shape), dtype=w2.dtype, device=device)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.io_threads = io_threads
         self._io = (
             ThreadPoolExecutor(io_threads, "expertflow-io")
             if self._copy_stream is None and io_threads > 0
@@ -100,11 +101,15 @@ class ExpertPool:
         """Distinct experts one kernel call may use: slots not pinned for good."""
         return self.num_slots - self._num_permanent
 
-    def ensure_resident(self, layer: int, experts: list[int]) -> list[int]:
+    def ensure_resident(
+        self, layer: int, experts: list[int], booked: Collection[int] = ()
+    ) -> list[int]:
         """Pins `experts` of `layer` in slots, loading the misses; returns their slots in order.
 
         Hits are pinned before any miss is placed so a load never evicts an expert this layer
-        needs. The caller must `release` the slots once its kernel has run.
+        needs. The caller must `release` the slots once its kernel has run. `booked`: experts an
+        earlier round of the same layer-step already counted; found resident again, they are
+        not a new lookup (else a pool too small for one round would look like it hits more).
         """
         assert len(experts) <= self.round_capacity, "more experts than free slots: run rounds"
         self._reap_finished_loads()
@@ -114,7 +119,12 @@ class ExpertPool:
                 self.table.pin(slot)
                 self.table.touch(slot)
         misses = [i for i, slot in enumerate(slots) if slot is None]
-        self.stats.record_lookups(layer, len(experts) - len(misses), len(misses))
+        hits = sum(
+            1
+            for e, slot in zip(experts, slots, strict=True)
+            if slot is not None and e not in booked
+        )
+        self.stats.record_lookups(layer, hits, len(misses))
         start = time.perf_counter()
         for slot in slots:
             if slot is not None:
@@ -239,14 +249,40 @@ class ExpertPool:
             self._copy_in(layer, expert, slot)
             return _CudaLoad(self._copy_stream)
 
+    def measure_load_seconds(self, count: int) -> float:
+        """Wall seconds per expert load when `count` loads run as the pool issues them: the
+        store's own reads and expansion, as many at once as the pool overlaps (its I/O threads
+        and a demand load), into scratch memory so no slot changes."""
+        layers = self.device_table.layers
+        num_experts = self.store.num_experts
+        keys = [(layers[i % len(layers)], i // len(layers) % num_experts) for i in range(count)]
+        readers = (self.io_threads if self._io is not None else 0) + 1
+
+        def read_share(share: list[ExpertKey]) -> None:
+            w13, w2 = torch.empty_like(self.w13[0]), torch.empty_like(self.w2[0])
+            for layer, expert in share:
+                self._read_into(layer, expert, w13, w2)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(readers) as executor:
+            for done in [executor.submit(read_share, keys[i::readers]) for i in range(readers)]:
+                done.result()
+        if self._copy_stream is not None:
+            torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - start) / max(count, 1)
+
     def _copy_in(self, layer: int, expert: int, slot: int) -> None:
         start = time.perf_counter()
-        self.codec.decode(self.store.read_expert(layer, expert), self.w13[slot], self.w2[slot])
+        self._read_into(layer, expert, self.w13[slot], self.w2[slot])
         # Queued behind the copy (same stream or thread): kernels see the slot once it holds
         # the expert, and read the store until then.
         self.device_table.set(layer, expert, slot)
-        if self.link is not None:
-            self.link.transfer(self.store.layout.nbytes)
         seconds = time.perf_counter() - start
         self.stats.record_load(layer, self.store.layout.nbytes, seconds)
         self.mean_load_seconds = running_mean(self.mean_load_seconds, seconds)
+
+    def _read_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """One load: the store's read, expanded into `w13`/`w2`, through the emulated link."""
+        self.codec.decode(self.store.read_expert(layer, expert), w13, w2)
+        if self.link is not None:
+            self.link.transfer(self.store.layout.nbytes)

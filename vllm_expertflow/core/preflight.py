@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 
-from .checkpoint import config_hash
+from .checkpoint import routing_config_hash
 from .config import ExpertFlowConfig, ExpertFlowConfigError
 from .disk_store import store_folder_prefix
 from .model_shape import MoEShape
@@ -26,7 +26,7 @@ def preflight(config: ExpertFlowConfig, model_dir: str, shape: MoEShape | None) 
         if config.static_experts is not None:
             _check_static_experts(config.static_experts, shape)
     if config.predictor.endswith(".safetensors"):
-        _check_predictor(config.predictor, config_hash(model_dir) if local else None)
+        _check_predictor(config.predictor, routing_config_hash(model_dir) if local else None)
     if config.store == "disk":
         _check_store_dir(config.resolved_store_dir, model_dir if local else None)
 

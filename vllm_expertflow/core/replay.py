@@ -1,10 +1,12 @@
 """Offline expert-cache simulation: replay a routing trace through the engine's own step.
 
-Batch-1 decode: every traced token is one forward that runs the MoE layers in order, and layer
-L needs exactly the experts its router chose. The replay runs the online code: `HostStep` on an
-`ExpertPool` of zero-byte experts (loads land at once, on the calling thread), the `Prefetcher`
-with its ranking and predictive-policy weights, and the same eviction policies; only the
-kernel (which would compute nothing here) and the link budget (free offline) differ.
+By default batch-1 decode: every traced token is one forward that runs the MoE layers in order,
+and layer L needs exactly the experts its router chose. `steps` groups trace rows into forwards
+instead (a prefill, a batch of decodes), which the step splits into rounds as online. The replay
+runs the online code: `HostStep` on an `ExpertPool` of zero-byte experts (loads land at once,
+on the calling thread), the `Prefetcher` with its ranking and predictive-policy weights, and the
+same eviction policies; only the kernel (which would compute nothing here) and the link budget
+(free offline) differ.
 
 Modes:
   ondemand    no prediction; the policy alone decides what stays.
@@ -30,6 +32,7 @@ from .pool import ExpertPool
 from .predictor import ExpertPredictor, trace_context, trace_layers
 from .prefetcher import Prefetcher
 from .stats import OffloadStats
+from .step_plan import plan_rounds
 from .store import RamStore
 
 MODES = ("ondemand", "prefetch", "static", "belady")
@@ -115,20 +118,21 @@ class BeladyPolicy(EvictionPolicy):
 class _PrecomputedPredictor(ExpertPredictor):
     """Replays a predictor's answers, computed for the whole trace in large batches up front.
 
-    Scores rank each token's predicted experts in the predictor's order, as the predictor's own
-    scores would; `token` is the trace row being replayed.
+    Scores rank each row's predicted experts in the predictor's order, as the predictor's own
+    scores would; `rows` are the trace rows of the forward being replayed.
     """
 
     def __init__(self, layers: list[int], depth: int, num_experts: int, predicted: dict) -> None:
         super().__init__(layers, depth)
         self.num_experts = num_experts
         self.predicted = predicted
-        self.token = 0
+        self.rows: list[int] = []
 
     def scores(self, layer, depth, hidden, topk_ids, context=None) -> torch.Tensor:
-        experts = self.predicted[(layer, depth)][self.token]
-        scores = torch.zeros(1, self.num_experts)
-        scores[0, experts] = torch.arange(len(experts), 0, -1, dtype=torch.float32)
+        scores = torch.zeros(len(self.rows), self.num_experts)
+        for i, row in enumerate(self.rows):
+            experts = self.predicted[(layer, depth)][row]
+            scores[i, experts] = torch.arange(len(experts), 0, -1, dtype=torch.float32)
         return scores
 
 
@@ -159,28 +163,33 @@ def _result(name: str, num_slots: int, stats: OffloadStats) -> ReplayResult:
     return result
 
 
-def _trace_steps(
-    manifest: dict, tensors: dict[str, torch.Tensor]
-) -> tuple[list[int], list[list[list[int]]]]:
-    """Layers, and per layer the experts of every token as Python lists (fast to iterate)."""
+def _routed_steps(
+    manifest: dict, tensors: dict[str, torch.Tensor], steps: list[list[int]], capacity: int
+) -> tuple[list[int], list[list[list[list[int]]]]]:
+    """Layers, and per layer and forward the experts of each round the step will run, as
+    Python lists (fast to iterate); a round is the experts of one `ensure_resident` call."""
     layers = trace_layers(manifest)
-    routed = [
-        [list(dict.fromkeys(row)) for row in tensors[f"topk_ids.{layer}"].tolist()]
-        for layer in layers
-    ]
+    routed = []
+    for layer in layers:
+        topk = tensors[f"topk_ids.{layer}"].long()
+        routed.append(
+            [[experts for _, experts in plan_rounds(topk[rows], capacity)] for rows in steps]
+        )
     return layers, routed
 
 
-def _access_times(layers: list[int], routed: list[list[list[int]]]) -> dict[ExpertKey, list[int]]:
-    """Per key, the steps (token * layers + layer index) that use it, in order."""
+def _access_times(
+    layers: list[int], routed: list[list[list[list[int]]]]
+) -> dict[ExpertKey, list[int]]:
+    """Per key, the order of the rounds that use it (forward, then layer, then round)."""
     times: dict[ExpertKey, list[int]] = {}
-    num_layers = len(layers)
-    for li, layer in enumerate(layers):
-        for token, experts in enumerate(routed[li]):
-            for e in experts:
-                times.setdefault((layer, e), []).append(token * num_layers + li)
-    for steps in times.values():
-        steps.sort()
+    clock = 0
+    for step in range(len(routed[0])):
+        for li, layer in enumerate(layers):
+            for experts in routed[li][step]:
+                for e in experts:
+                    times.setdefault((layer, e), []).append(clock)
+                clock += 1
     return times
 
 
@@ -232,26 +241,32 @@ def replay(
     static_keys: list[ExpertKey] | None = None,
     name: str | None = None,
     progress: bool = False,
+    steps: list[list[int]] | None = None,
+    warm_steps: int = 0,
 ) -> ReplayResult:
-    """Replays every token of the trace, batch-1 decode style, and counts what the cache did.
+    """Replays the trace's forwards through the step and counts what the cache did.
 
-    `static_keys` (mode "static") are the resident set in order of preference; the first
-    `num_slots - top_k` are kept. `policy` applies to "ondemand" and "prefetch" (and is the
-    scratch policy of "static").
+    `steps`: the trace rows of each forward, in order (default: one row each, batch-1 decode);
+    the first `warm_steps` forwards run but are not counted. `static_keys` (mode "static") are
+    the resident set in order of preference; the first `num_slots - top_k` are kept. `policy`
+    applies to "ondemand" and "prefetch" (and is the scratch policy of "static").
     """
     if mode not in MODES:
         raise ValueError(f"unknown replay mode {mode!r}; valid: {', '.join(MODES)}")
     if mode == "prefetch" and predictor is None:
         raise ValueError("prefetch replay needs a predictor")
-    layers, routed = _trace_steps(manifest, tensors)
+    top_k = manifest["top_k"]
+    if steps is None:
+        num_rows = len(tensors[f"topk_ids.{trace_layers(manifest)[0]}"])
+        steps = [[row] for row in range(num_rows)]
+    static = (static_keys or [])[: num_slots - top_k] if mode == "static" else []
+    layers, routed = _routed_steps(manifest, tensors, steps, num_slots - len(static))
     if mode == "belady":
         eviction: EvictionPolicy = BeladyPolicy(_access_times(layers, routed))
     else:
         eviction = make_policy(policy, num_slots, len(layers))
-    top_k = manifest["top_k"]
     pool = _zero_byte_pool(layers, manifest["num_experts"], num_slots, eviction)
-    if mode == "static":
-        pool.pin_permanently((static_keys or [])[: num_slots - top_k])
+    pool.pin_permanently(static)
     prefetcher = None
     if mode == "prefetch":
         predicted = _predictions(predictor, manifest, tensors, prefetch_depth)
@@ -259,13 +274,16 @@ def replay(
         recorded = _PrecomputedPredictor(layers, depth, manifest["num_experts"], predicted)
         prefetcher = Prefetcher(pool, recorded, depth, top_k, loads_per_layer=num_slots)
     step = HostStep(pool, lambda layer: _no_kernel, prefetcher)
-    no_hidden, no_weights = torch.zeros(1, 1), torch.zeros(1, top_k)
-    for token in _progress(len(routed[0]), f"replay {name or mode}", progress):
+    topk = {layer: tensors[f"topk_ids.{layer}"].long() for layer in layers}
+    for index in _progress(len(steps), f"replay {name or mode}", progress):
+        if index == warm_steps:
+            pool.stats = OffloadStats()  # what follows is what is measured
+        rows = steps[index]
         if prefetcher is not None:
-            recorded.token = token
-        for li, layer in enumerate(layers):
-            experts = routed[li][token]
-            step.run(layer, no_hidden, no_weights[:, : len(experts)], torch.tensor([experts]))
+            recorded.rows = rows
+        no_hidden, no_weights = torch.zeros(len(rows), 1), torch.zeros(len(rows), top_k)
+        for layer in layers:
+            step.run(layer, no_hidden, no_weights, topk[layer][rows])
     pool.close()
     return _result(name or mode, num_slots, pool.stats)
 

@@ -20,6 +20,9 @@ class ExpertFlowWorkerExtension:
     def expertflow_reconfigure(self, options: dict) -> None:
         self._expertflow_engine().reconfigure(options)
 
+    def expertflow_measure_load_seconds(self, count: int) -> float:
+        return self._expertflow_engine().pool.measure_load_seconds(count)
+
     def expertflow_start_tracing(
         self, directory: str, metadata: dict, max_tokens: int, sample_rate: float, seed: int
     ) -> None:

@@ -283,7 +283,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def offline_rows(args, budgets, policies, trace_dir: Path) -> list[dict]:
     """Replays of the recorded trace: loads per policy against Belady, and predictor recall."""
-    from vllm_expertflow.core.checkpoint import config_hash, load_gate_weights
+    from vllm_expertflow.core.checkpoint import load_gate_weights, routing_config_hash
     from vllm_expertflow.core.predictor import GatePredictor, load_predictor, predictor_recall
     from vllm_expertflow.core.replay import replay, slots_for_fraction
     from vllm_expertflow.core.tracer import read_trace
@@ -293,7 +293,7 @@ def offline_rows(args, budgets, policies, trace_dir: Path) -> list[dict]:
     predictors = {"gate": GatePredictor(gates, args.prefetch_depth)}
     for name in ("transition", "learned"):
         path = policy_options(args, name, 1.0)["predictor"]
-        predictors[name] = load_predictor(path, config_hash(str(args.model)))
+        predictors[name] = load_predictor(path, routing_config_hash(str(args.model)))
     hot = [
         tuple(k)
         for k in json.loads(Path(policy_options(args, "static", 1.0)["static_experts"]).read_text())

@@ -12,7 +12,7 @@ import logging
 import math
 from pathlib import Path
 
-from vllm_expertflow.core.checkpoint import config_hash
+from vllm_expertflow.core.checkpoint import routing_config_hash
 from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def model_metadata(model: Path) -> dict:
     mlp_only = set(getattr(config, "mlp_only_layers", []) or [])
     return {
         "model": str(model.resolve()),
-        "config_hash": config_hash(str(model)),
+        "config_hash": routing_config_hash(str(model)),
         "layers": [i for i in range(config.num_hidden_layers) if i not in mlp_only],
         "num_experts": config.num_experts,
         "top_k": config.num_experts_per_tok,

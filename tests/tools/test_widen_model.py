@@ -1,0 +1,117 @@
+"""Tests for `vllm-expertflow widen-model`: wider experts, the same function and routing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from vllm_expertflow.core.checkpoint import load_gate_weights, routing_config_hash
+from vllm_expertflow.tools.tiny_moe import build_tiny_moe
+from vllm_expertflow.tools.widen_model import WidenError, widen_checkpoint
+
+FACTOR = 4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("widen")
+    original = build_tiny_moe("qwen3_moe", root / "original", seed=3)
+    return original, widen_checkpoint(original, FACTOR, root / "widened")
+
+
+def _routing_and_tokens(model_dir: Path, prompt: torch.Tensor) -> tuple[dict, list[int]]:
+    """Every MoE layer's top-k expert sets for the prompt's tokens, and 8 greedy tokens."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    gates = load_gate_weights(str(model_dir))
+    top_k = model.config.num_experts_per_tok
+    router_inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        model.model.layers[layer].mlp.register_forward_pre_hook(
+            lambda module, args, layer=layer: router_inputs.setdefault(layer, args[0])
+        )
+        for layer in gates
+    ]
+    with torch.no_grad():
+        model(prompt)
+    for hook in hooks:
+        hook.remove()
+    routing = {
+        layer: (router_inputs[layer].reshape(-1, gate.shape[1]) @ gate.float().T)
+        .topk(top_k)
+        .indices.sort()
+        .values
+        for layer, gate in gates.items()
+    }
+    tokens = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1] :]
+    return routing, tokens.tolist()
+
+
+def test_widened_model_keeps_routing_and_tokens(models: tuple[Path, Path]) -> None:
+    original, widened = models
+    prompt = torch.randint(2, 4096, (1, 24), generator=torch.Generator().manual_seed(0))
+    routing, tokens = _routing_and_tokens(original, prompt)
+    widened_routing, widened_tokens = _routing_and_tokens(widened, prompt)
+    assert routing.keys() == widened_routing.keys() == {1, 2}
+    for layer in routing:
+        assert torch.equal(routing[layer], widened_routing[layer]), f"layer {layer}"
+    assert tokens == widened_tokens
+
+
+def test_widened_experts_are_wider_and_the_rest_is_untouched(models: tuple[Path, Path]) -> None:
+    original, widened = models
+    before, after = (
+        load_file(original / "model.safetensors"),
+        load_file(widened / "model.safetensors"),
+    )
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        if ".experts." in name and ("gate_proj" in name or "up_proj" in name):
+            assert after[name].shape == (tensor.shape[0] * FACTOR, tensor.shape[1])
+        elif ".experts." in name and "down_proj" in name:
+            assert after[name].shape == (tensor.shape[0], tensor.shape[1] * FACTOR)
+        else:
+            assert torch.equal(after[name], tensor), name
+    config = json.loads((widened / "config.json").read_text())
+    assert config["moe_intermediate_size"] == 64 * FACTOR
+    assert config["intermediate_size"] == 128  # the dense first layer is not an expert
+
+
+def test_predictors_of_the_original_serve_the_widened_model(
+    models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    original, widened = models
+    assert routing_config_hash(str(widened)) == routing_config_hash(str(original))
+    twice = widen_checkpoint(widened, 2, tmp_path / "twice")
+    assert routing_config_hash(str(twice)) == routing_config_hash(str(original))
+    assert json.loads((twice / "config.json").read_text())["expertflow_widened_from"]["factor"] == 8
+    other = build_tiny_moe("qwen3_moe", tmp_path / "other", seed=4)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 32}))
+    assert routing_config_hash(str(other)) != routing_config_hash(str(original))
+
+
+def test_refuses_when_the_disk_cannot_hold_it(
+    models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original, _ = models
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(WidenError, match=r"needs \d+ bytes but .* has 1000 bytes free"):
+        widen_checkpoint(original, FACTOR, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_quantized_checkpoint(models: tuple[Path, Path], tmp_path: Path) -> None:
+    original, _ = models
+    copy = tmp_path / "quantized"
+    shutil.copytree(original, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "quantization_config": {}}))
+    with pytest.raises(WidenError, match="quantized"):
+        widen_checkpoint(copy, FACTOR, tmp_path / "out")

@@ -1,0 +1,150 @@
+"""`vllm-expertflow widen-model`: a checkpoint whose routed experts are N times wider and compute
+the same function, so speed can be measured on experts of a real model's size with the small
+model's trained routing.
+
+An expert computes down(act(gate(x)) * up(x)). Repeating every row of gate and up N times makes
+each hidden neuron appear N times; repeating down's columns N times and dividing them by N sums
+those copies back to the original value. Router, attention, embeddings and shared experts are
+untouched, so routing (and every predictor trained on the original) stays valid: the config
+records `expertflow_widened_from`, which `routing_config_hash` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from vllm_expertflow.core.checkpoint import WIDENED_FROM_KEY, routing_config_hash
+from vllm_expertflow.core.files import atomic_path
+
+logger = logging.getLogger(__name__)
+
+# Routed experts stored one tensor per projection: Qwen/DeepSeek/OLMoE names, then Mixtral's.
+_ROWS_REPEATED = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|w1|w3)\.weight$")
+_COLUMNS_REPEATED = re.compile(r"\.experts\.\d+\.(down_proj|w2)\.weight$")
+
+
+class WidenError(ValueError):
+    """A checkpoint this tool cannot widen, or an output that cannot be written."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="a local HF checkpoint folder")
+    parser.add_argument("--factor", type=int, required=True, help="widen each expert N times")
+    parser.add_argument("--out", type=Path, required=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        widen_checkpoint(args.model, args.factor, args.out)
+    except WidenError as error:
+        print(error)
+        return 2
+    return 0
+
+
+def expert_size_key(config: dict) -> str:
+    """The config key holding the routed experts' intermediate size."""
+    if "moe_intermediate_size" in config:
+        return "moe_intermediate_size"
+    if "intermediate_size" in config and ("num_local_experts" in config or "num_experts" in config):
+        return "intermediate_size"
+    raise WidenError(
+        "expertflow: widen-model found no routed-expert size (moe_intermediate_size or "
+        "intermediate_size with num_local_experts) in the model's config.json"
+    )
+
+
+def widen_tensor(name: str, tensor: torch.Tensor, factor: int) -> torch.Tensor:
+    """The tensor of the widened model under `name`: routed-expert projections widened."""
+    if _ROWS_REPEATED.search(name):
+        return tensor.repeat(factor, 1)
+    if _COLUMNS_REPEATED.search(name):
+        # Divide in float32, then round once: a power-of-two factor is exact in bf16.
+        return (tensor.float().repeat(1, factor) / factor).to(tensor.dtype)
+    return tensor
+
+
+def widen_checkpoint(model_dir: Path, factor: int, out: Path) -> Path:
+    """Writes the widened checkpoint to `out` (all or nothing); returns `out`."""
+    if factor < 1:
+        raise WidenError(f"expertflow: --factor must be 1 or more, got {factor}")
+    config = json.loads((model_dir / "config.json").read_text())
+    if "quantization_config" in config:
+        raise WidenError(
+            f"expertflow: widen-model needs a bf16/fp16 checkpoint; {model_dir} is quantized "
+            "(widen the unquantized model, then run `vllm-expertflow quantize` on the result)"
+        )
+    size_key = expert_size_key(config)
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        raise WidenError(f"expertflow: no *.safetensors files in {model_dir}")
+    expert_bytes, other_bytes, widened_names = _tensor_bytes(shards)
+    if not widened_names:
+        raise WidenError(
+            f"expertflow: widen-model found no per-expert gate/up/down (or w1/w3/w2) tensors in "
+            f"{model_dir}; checkpoints that store experts fused are not supported"
+        )
+    needed = expert_bytes * factor + other_bytes
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise WidenError(
+            f"expertflow: the widened checkpoint needs {needed} bytes but {parent} has {free} "
+            "bytes free; free space or choose a smaller --factor or another --out"
+        )
+    widened_config = {
+        **config,
+        size_key: config[size_key] * factor,
+        WIDENED_FROM_KEY: {
+            "model": model_dir.name,
+            "config_hash": routing_config_hash(str(model_dir)),
+            "factor": factor * config.get(WIDENED_FROM_KEY, {}).get("factor", 1),
+        },
+    }
+    with atomic_path(out) as tmp:
+        os.makedirs(tmp)
+        for path in model_dir.iterdir():
+            if path.is_file() and path.suffix != ".safetensors" and path.name != "config.json":
+                shutil.copy2(path, tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(widened_config, f, indent=2)
+        for shard in shards:
+            tensors = {}
+            with safe_open(str(shard), framework="pt") as f:
+                for name in tqdm(list(f.keys()), desc=f"widening {shard.name}", unit="tensor"):
+                    tensors[name] = widen_tensor(name, f.get_tensor(name), factor).contiguous()
+                metadata = f.metadata()
+            save_file(tensors, os.path.join(tmp, shard.name), metadata=metadata)
+    logger.info("expertflow: wrote %s (experts %dx wider, %d bytes)", out, factor, needed)
+    return out
+
+
+def _tensor_bytes(shards: list[Path]) -> tuple[int, int, list[str]]:
+    """Bytes of the widened expert tensors, bytes of everything else, and the widened names."""
+    expert_bytes = other_bytes = 0
+    widened = []
+    for shard in shards:
+        with open(shard, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            if _ROWS_REPEATED.search(name) or _COLUMNS_REPEATED.search(name):
+                expert_bytes += end - start
+                widened.append(name)
+            else:
+                other_bytes += end - start
+    return expert_bytes, other_bytes, widened

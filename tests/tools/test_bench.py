@@ -96,3 +96,50 @@ def test_equal_memory_budgets_are_bf16_expert_bytes():
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     # 6 MoE layers x 32 experts x (gate, up, down of 256 x 128) x 2 bytes
     assert bf16_expert_bytes(config) == 6 * 32 * 3 * 256 * 128 * 2
+
+
+def test_every_expertflow_row_has_its_physical_limit(results):
+    stock = next(r for r in results["online"] if r["policy"] == "stock")
+    for row in results["online"]:
+        if row["policy"] == "stock":
+            continue
+        assert row["compute_s_per_token"] == pytest.approx(1 / stock["decode_tokens_per_s"])
+        assert row["expert_load_s"] > 0 and row["belady_loads_per_token"] > 0  # 25% resident
+        assert row["link_s_per_token"] == pytest.approx(
+            row["belady_loads_per_token"] * row["expert_load_s"]
+        )
+        # No configuration decodes faster than stock with every expert resident.
+        assert row["limit_tokens_per_s"] <= stock["decode_tokens_per_s"]
+        assert row["limit_ratio"] == pytest.approx(
+            row["decode_tokens_per_s"] / row["limit_tokens_per_s"]
+        )
+    assert "limit_ratio" in results["units"]
+
+
+def test_physical_limit_is_the_slower_of_compute_and_link():
+    from vllm_expertflow.tools.bench import physical_limit
+
+    # 10 ms of compute per token; 3 loads per token of 5 ms each: the link takes 15 ms.
+    link_bound = physical_limit(0.010, 3.0, 0.005)
+    assert link_bound["link_s_per_token"] == pytest.approx(0.015)
+    assert link_bound["limit_tokens_per_s"] == pytest.approx(1 / 0.015)
+    assert link_bound["bound"] == "link"
+    compute_bound = physical_limit(0.010, 1.0, 0.005)
+    assert compute_bound["limit_tokens_per_s"] == pytest.approx(100.0)
+    assert compute_bound["bound"] == "compute"
+    assert physical_limit(0.010, 0.0, 0.005)["limit_tokens_per_s"] == pytest.approx(100.0)
+
+
+def test_generation_steps_replay_a_batch_as_the_engine_runs_it():
+    import torch
+
+    from vllm_expertflow.tools.bench import generation_steps
+
+    # Request 0: 3 prompt rows, request 1: 2; then 2 decode rows each, rows interleaved and
+    # not in position order (as a trace may hold them).
+    request_ids = torch.tensor([1, 0, 0, 1, 0, 1, 0, 1, 0, 2], dtype=torch.int32)
+    positions = torch.tensor([0, 1, 0, 1, 2, 3, 4, 2, 3, 0], dtype=torch.int32)
+    tensors = {"request_ids": request_ids, "positions": positions}
+    steps = generation_steps(tensors, batch=2, decode_tokens=2)
+    assert steps == [[2, 1, 4, 0, 3], [8, 7], [6, 5]]
+    assert generation_steps(tensors, batch=1, decode_tokens=2) == [[2, 1, 4], [8], [6]]

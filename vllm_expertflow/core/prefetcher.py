@@ -102,8 +102,7 @@ class Prefetcher:
             scores = self.predictor.scores(layer, depth, hidden, topk_ids, context)
             for expert, votes in rank_for_batch(scores, self.top_k):
                 if self._predictive is not None:
-                    # Nearer layers are needed sooner: their predictions weigh more.
-                    self._predictive.predict((target, expert), votes / depth)
+                    self._predictive.predict((target, expert), votes)
                 if remaining > 0 and self.pool.prefetch(target, expert):
                     remaining -= 1
 

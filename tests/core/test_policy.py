@@ -1,0 +1,66 @@
+"""The predictive policy: evict the expert expected to be needed again furthest ahead."""
+
+from vllm_expertflow.core.page_table import PageTable
+from vllm_expertflow.core.policy import PredictivePolicy
+
+LAYERS = [0, 1, 2, 3]
+
+
+def run_turns(table: PageTable, turns: list[tuple[int, list[int]]]) -> None:
+    """Each (layer, experts): one layer-step using those experts (loaded if missing)."""
+    for layer, experts in turns:
+        for expert in experts:
+            slot = table.lookup((layer, expert))
+            if slot is None:
+                table.allocate((layer, expert))
+            else:
+                table.touch(slot)
+
+
+def test_of_equally_used_experts_the_one_whose_layer_runs_last_goes():
+    policy = PredictivePolicy()
+    table = PageTable(4, policy)
+    run_turns(table, [(layer, [0]) for layer in LAYERS])
+    # Layer 3 just ran: layer 0 runs next, layer 3 runs last.
+    _, evicted = table.allocate((3, 1))
+    assert evicted == (3, 0)
+
+
+def test_a_frequently_routed_expert_outstays_a_rarely_routed_one():
+    policy = PredictivePolicy()
+    table = PageTable(3, policy)
+    # Expert 0 of layer 0 is routed at every turn, expert 1 once, long ago.
+    run_turns(table, [(0, [0, 1])] + [(layer, [0]) for layer in (1, 0)] * 10)
+    _, evicted = table.allocate((0, 2))
+    assert evicted == (0, 1)
+
+
+def test_a_predicted_expert_stays_and_predictions_expire_when_its_layer_runs():
+    def table_after_the_same_turns(predicted: bool) -> tuple[PageTable, PredictivePolicy]:
+        policy = PredictivePolicy()
+        table = PageTable(4, policy)
+        run_turns(table, [(0, [0, 7]), (1, [0, 5])])
+        if predicted:
+            policy.predict((1, 0), 0.9)
+        return table, policy
+
+    # Layer 1's experts are needed last, equally often: the least recent of them goes...
+    table, _ = table_after_the_same_turns(predicted=False)
+    assert table.allocate((1, 6))[1] == (1, 0)
+    # ...unless the predictor says it is needed at layer 1's next turn.
+    table, policy = table_after_the_same_turns(predicted=True)
+    assert table.allocate((1, 6))[1] == (1, 5)
+    before = policy.expected_wait((1, 0))
+    policy.clear_predictions(1)
+    assert policy.expected_wait((1, 0)) > before
+
+
+def test_a_prefetch_is_recent_but_not_a_use():
+    policy = PredictivePolicy()
+    table = PageTable(8, policy)
+    run_turns(table, [(0, [0]), (1, [0])])
+    table.allocate((0, 1), prefetch=True)
+    # Not routed to: expected later than the routed expert of its layer.
+    assert policy.expected_wait((0, 1)) > policy.expected_wait((0, 0))
+    # Not a turn of layer 0: layer 1 is still the one that ran last, so it runs again last.
+    assert policy.expected_wait((1, 0)) > policy.expected_wait((0, 0))

@@ -77,9 +77,12 @@ def test_reconfigure_rebuilds_the_pool_and_restarts_the_stats_keeping_the_store(
     engine.reconfigure({"cache_fraction": 1.0})
     assert engine.pool.num_slots == 2 * NUM_EXPERTS and engine.store is store
     assert engine.stats.layers == {}
+    # A pool that holds every expert is filled at once: serving never misses.
+    assert engine.pool.table.num_resident == 2 * NUM_EXPERTS
     w = weights[3]
     expected = silu_experts(x, w["w13"], w["w2"], topk_weights, topk_ids)
     assert torch.allclose(engine.run_layer(3, x, topk_weights, topk_ids), expected)
+    assert engine.stats.total().misses == 0 and engine.stats.total().hits > 0
     with pytest.raises(ExpertFlowConfigError, match="cannot change store"):
         engine.reconfigure({"store": "disk"})
 

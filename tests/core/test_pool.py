@@ -178,3 +178,25 @@ def test_measuring_loads_reads_through_the_link_and_leaves_the_pool_as_it_was():
     assert torch.equal(pool.w13, before[0])
     assert pool.stats.as_dict() == before[1]
     assert torch.equal(pool.device_table.row(0), before[2])
+
+
+def test_a_layers_demand_misses_load_together_on_the_calling_thread_and_a_demand_reader():
+    pool, codes, scale = int8_pool()
+    slots = pool.ensure_resident(0, [1, 2])
+    assert torch.equal(pool.w13[slots[0]], codes[1].float() * scale[1])
+    assert torch.equal(pool.w13[slots[1]], codes[2].float() * scale[2])
+    main, helper = sorted(
+        pool.codec.threads, key=lambda name: name != threading.current_thread().name
+    )
+    assert main == threading.current_thread().name and helper.startswith("expertflow-demand")
+    assert pool.stats.layer(0).misses == 2
+
+
+def test_fill_loads_experts_that_stay_evictable():
+    pool, weights = make_pool(4)
+    pool.fill([(0, 1), (1, 2), (2, 3)])
+    assert torch.equal(pool.w13[pool.table.lookup((1, 2))], weights[1][2])
+    assert pool.round_capacity == 4  # nothing pinned for good
+    slots = pool.ensure_resident(0, [1, 5, 6])  # (0, 1) hits, one filled expert gives way
+    assert pool.stats.layer(0).hits == 1
+    pool.release(slots)

@@ -80,3 +80,36 @@ def test_a_step_waits_for_in_flight_loads_when_the_pool_is_full():
     slots = pool.ensure_resident(0, [0, 1])
     assert sorted(slots) == [0, 1]
     pool.release(slots)
+
+
+def test_loads_still_in_flight_count_against_the_next_layers_budget():
+    import threading
+
+    gate = threading.Event()
+
+    class SlowStore(RamStore):
+        def read_expert(self, layer, expert):
+            gate.wait()
+            return super().read_expert(layer, expert)
+
+    store = SlowStore(NUM_EXPERTS, pin_memory=False)
+    for layer in LAYERS:
+        store.write_layer(
+            layer, {"w13": torch.randn(NUM_EXPERTS, 8, 4), "w2": torch.randn(NUM_EXPERTS, 4, 4)}
+        )
+    policy = make_policy("lru", 8, len(LAYERS))
+    pool = ExpertPool(store, 8, torch.device("cpu"), LAYERS, policy, OffloadStats())
+    # Nothing measured yet: the budget is top_k loads per layer.
+    prefetcher = Prefetcher(pool, GatePredictor(one_hot_gates(), 2), depth=2, top_k=2)
+    hidden = torch.zeros(1, HIDDEN)
+    hidden[0, 3], hidden[0, 5] = 2.0, 1.0
+    prefetcher.after_routing(0, hidden, torch.tensor([[3, 5]]))
+    assert pool.loads_in_flight == 2
+    prefetcher.after_routing(1, hidden, torch.tensor([[3, 5]]))  # the link has no slack
+    assert sum(pool.stats.layer(layer).prefetches_issued for layer in LAYERS) == 2
+    gate.set()
+    pool.drain()
+    assert pool.loads_in_flight == 0
+    prefetcher.after_routing(1, hidden, torch.tensor([[3, 5]]))
+    assert sum(pool.stats.layer(layer).prefetches_issued for layer in LAYERS) > 2
+    pool.close()

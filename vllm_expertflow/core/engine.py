@@ -224,8 +224,13 @@ class OffloadEngine:
             self.step = GraphStep(self.pool, self.store, kernel, max_tokens)
         else:
             self.step = HostStep(self.pool, self._kernels.__getitem__, self.prefetcher)
+        every_expert = [(layer, e) for layer in layers for e in range(self.store.num_experts)]
         if self.config.static_experts is not None:
             self.pool.pin_permanently(self._static_hot_set(num_slots))
+        elif num_slots == len(every_expert):
+            # No first-use misses while serving; start-up loads are not serving statistics.
+            self.pool.fill(every_expert)
+            self.stats = self.pool.stats = OffloadStats()
         logger.info(
             "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %.1f MiB "
             "of shared experts resident beside it, %.1f KiB read per load, %s store%s, policy "

@@ -90,9 +90,12 @@ class Prefetcher:
         self.budget.layer_started()
         if self._predictive is not None:
             self._predictive.clear_predictions(layer)
-        remaining = self.loads_per_layer or self.budget.experts_per_layer(
-            self.pool.mean_load_seconds, self.top_k
-        )
+        # Loads still queued from earlier layers count against the link's budget: a link that
+        # cannot keep up gets no more prefetches until it has slack.
+        remaining = (
+            self.loads_per_layer
+            or self.budget.experts_per_layer(self.pool.mean_load_seconds, self.top_k)
+        ) - self.pool.loads_in_flight
         for depth in range(1, self.depth + 1):
             target = self.predictor.target_layer(layer, depth)
             if target is None:

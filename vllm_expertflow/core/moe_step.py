@@ -6,6 +6,7 @@ run these classes. The kernel is injected, so this file stays pure torch.
     vLLM's router: topk_ids [T, k], topk_weights [T, k]                     (vLLM's, unchanged)
         |
         +-- HostStep (option step=host: the CPU, quantized experts, predictors) ----------------+
+        |   (a pool that holds every expert skips to [Remap]: nothing can miss or be evicted)   |
         |   [Plan]      plan_rounds: whole tokens grouped so each round's experts fit the pool  |
         |   [Pin+Load]  ExpertPool.ensure_resident: page-table lookup, pin the hits, wait for   |
         |               any still in flight, load the misses (evicting unpinned experts)        |
@@ -91,6 +92,10 @@ class HostStep(MoEStep):
                 "capture; use step=graph (ram store, bf16 experts, no predictor) or enforce_eager"
             )
         kernel = self.kernel_of(layer)
+        if self.pool.holds_every_expert:
+            # Nothing can miss or be evicted: book the lookups, remap, compute.
+            self.pool.stats.record_lookups(layer, topk_ids.unique().numel(), 0)
+            return kernel(x, topk_weights, self.pool.device_table.remap(layer, topk_ids), self.pool)
         # Counting hot-set experts against the free slots too is conservative but always fits.
         rounds = plan_rounds(topk_ids, self.pool.round_capacity)
         if len(rounds) == 1:

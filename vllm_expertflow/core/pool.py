@@ -102,6 +102,7 @@ class ExpertPool:
         self._unused_prefetches: set[int] = set()
         self._num_permanent = 0
         self.mean_load_seconds: float | None = None  # per expert, a running mean
+        self.holds_every_expert = False  # set by `fill`
 
     @property
     def num_slots(self) -> int:
@@ -191,6 +192,9 @@ class ExpertPool:
         loads = [(layer, expert, self._allocate((layer, expert))) for layer, expert in keys]
         self._load_now(loads)
         self.release([slot for _, _, slot in loads])
+        every_expert = len(self.device_table.layers) * self.store.num_experts
+        # From now on nothing is ever allocated, so nothing is evicted: steps may skip the table.
+        self.holds_every_expert = self.table.num_resident == every_expert
 
     @property
     def loads_in_flight(self) -> int:

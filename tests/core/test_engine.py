@@ -40,7 +40,7 @@ def test_build_then_forwards_give_the_dense_output_on_real_layer_ids():
     engine.build()
     assert engine.pool.num_slots == 4 and engine.pool.device_table.layers == [3, 7]
     for seed in range(3):
-        engine.forward_started(spans=None, finished=set())
+        engine.forward_started(spans_of=None, finished=set())
         x, topk_weights, topk_ids = routing(num_tokens=3, seed=seed)
         for layer in LAYERS:
             w = weights[layer]
@@ -97,7 +97,7 @@ def test_a_tracer_records_rows_by_request_from_the_forwards_spans(tmp_path):
     engine.tracer = RoutingTracer(str(tmp_path), {"layers": list(LAYERS)}, max_tokens=100)
     # A prefill of two requests, then one decode step each, in vLLM's batch order.
     for spans in ([("a", 0, 2), ("b", 2, 5)], [("b", 0, 1), ("a", 1, 2)]):
-        engine.forward_started(spans, finished=set())
+        engine.forward_started(lambda spans=spans: spans, finished=set())
         x, topk_weights, topk_ids = routing(num_tokens=spans[-1][2], seed=len(spans))
         for layer in LAYERS:
             engine.run_layer(layer, x, topk_weights, topk_ids)

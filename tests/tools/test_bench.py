@@ -12,7 +12,7 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def bench_out(tmp_path_factory):
     """`--quick` without `--policies`: the quick policy list must be the one that runs."""
     out = tmp_path_factory.mktemp("bench")
     argv = [
@@ -34,7 +34,12 @@ def results(tmp_path_factory):
     assert main(argv) == 0
     assert (out / "bench.png").stat().st_size > 10_000
     assert "| learned |" in (out / "results.md").read_text()
-    return json.loads((out / "results.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(bench_out):
+    return json.loads((bench_out / "results.json").read_text())
 
 
 def test_schema_names_every_unit(results):
@@ -143,3 +148,14 @@ def test_generation_steps_replay_a_batch_as_the_engine_runs_it():
     steps = generation_steps(tensors, batch=2, decode_tokens=2)
     assert steps == [[2, 1, 4, 0, 3], [8, 7], [6, 5]]
     assert generation_steps(tensors, batch=1, decode_tokens=2) == [[2, 1, 4], [8], [6]]
+
+
+def test_the_trace_gives_each_prompt_one_request_prefill_and_decode(bench_out):
+    from vllm_expertflow.core.tracer import read_trace
+
+    _, tensors = read_trace(str(bench_out / "trace"))
+    requests, positions = tensors["request_ids"], tensors["positions"]
+    # One prompt (the largest batch is 1): its prefill, then 4 decode steps, as one request.
+    assert requests.unique().tolist() == [0]
+    assert positions.sort().values.tolist() == list(range(len(positions)))
+    assert len(positions) > 4

@@ -65,6 +65,7 @@ class OffloadEngine:
         self._kernels: dict[int, SlotKernel] = {}
         self._top_k = 0
         self._spans: RequestSpans | None = None
+        self._spans_of: Callable[[], RequestSpans] | None = None
         self._paged_kernel: tuple[PagedKernel, int] | None = None
         self._shared_expert_bytes = 0
 
@@ -154,13 +155,17 @@ class OffloadEngine:
         predictor = self.prefetcher.predictor if self.prefetcher is not None else None
         return self.tracer is not None or bool(predictor and predictor.context_inputs)
 
-    def forward_started(self, spans: RequestSpans | None, finished: set[str]) -> None:
+    def forward_started(
+        self, spans_of: Callable[[], RequestSpans] | None, finished: set[str]
+    ) -> None:
         """Before each forward, on the host and outside any CUDA graph.
 
-        `spans`: which batch rows belong to which request (None when not known); `finished`:
-        requests that ended since the last forward.
+        `spans_of()`: which batch rows belong to which request, asked (once) when a layer
+        first needs it, by which time the caller's batch holds this forward's requests (None
+        when not known); `finished`: requests that ended since the last forward.
         """
-        self._spans = spans
+        self._spans_of = spans_of
+        self._spans = None
         self.previous_tokens.forget(finished)
         if self.step is not None:
             self.step.between_forwards()
@@ -190,6 +195,8 @@ class OffloadEngine:
 
     def _rows_of(self, num_rows: int) -> RequestSpans | None:
         """This forward's request spans, if they cover exactly `num_rows` rows."""
+        if self._spans is None and self._spans_of is not None:
+            self._spans = self._spans_of()
         if not self._spans or self._spans[-1][2] != num_rows:
             return None
         return self._spans

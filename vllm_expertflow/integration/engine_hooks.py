@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import functools
 import glob
 import hashlib
 import json
@@ -131,9 +132,11 @@ def before_forward(runner: Any, scheduler_output: Any) -> None:
     if not models:
         return
     wanted = any(model.engine.reads_request_spans for model in models)
-    spans = request_spans(runner, scheduler_output) if wanted else None
+    # Read when a layer asks: vLLM adds this forward's new requests to the runner's input batch
+    # only inside `execute_model`, after this hook.
+    spans_of = functools.cache(lambda: request_spans(runner, scheduler_output)) if wanted else None
     for model in models:
-        model.engine.forward_started(spans, scheduler_output.finished_req_ids)
+        model.engine.forward_started(spans_of, scheduler_output.finished_req_ids)
 
 
 def request_spans(runner: Any, scheduler_output: Any) -> RequestSpans:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vllm_expertflow.core.checkpoint import WIDENED_FROM_KEY, routing_config_hash
-from vllm_expertflow.core.files import atomic_path
+from vllm_expertflow.core.files import atomic_path, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="a local HF checkpoint folder")
     parser.add_argument("--factor", type=int, required=True, help="widen each expert N times")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="then run both models through vLLM (greedy, held-out prompts) and write how many "
+        "tokens and routing decisions agree to OUT/widening_check.json",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     except WidenError as error:
         print(error)
         return 2
+    if args.check:
+        report = compare_models(args.model, args.out)
+        write_text_atomically(args.out / "widening_check.json", json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1))
     return 0
 
 
@@ -148,3 +158,65 @@ def _tensor_bytes(shards: list[Path]) -> tuple[int, int, list[str]]:
             else:
                 other_bytes += end - start
     return expert_bytes, other_bytes, widened
+
+
+def compare_models(
+    original: Path, widened: Path, num_prompts: int = 8, max_tokens: int = 32
+) -> dict:
+    """Greedy tokens and every MoE layer's routing of both models on the same held-out prompts,
+    through the real engine (every expert resident: stock's tokens). Routing is compared where
+    both models have seen the same tokens so far (up to a request's first differing token)."""
+    import tempfile
+
+    from vllm_expertflow.core.tracer import read_trace
+    from vllm_expertflow.tools.engine_runs import greedy_params, held_out_prompts, open_engine
+    from vllm_expertflow.tools.trace import model_metadata
+
+    prompts = held_out_prompts(original, num_prompts)
+    runs = []
+    with tempfile.TemporaryDirectory() as root:
+        for model in (original, widened):
+            trace_dir = os.path.join(root, model.name)
+            options = {"cache_fraction": 1.0}
+            with open_engine("expertflow", options, model, enforce_eager=False) as llm:
+                metadata = model_metadata(model)
+                llm.collective_rpc(
+                    "expertflow_start_tracing", args=(trace_dir, metadata, 10**9, 1.0, 0)
+                )
+                outputs = llm.generate(prompts, greedy_params(max_tokens), use_tqdm=False)
+                llm.collective_rpc("expertflow_stop_tracing")
+            runs.append(([list(o.outputs[0].token_ids) for o in outputs], *read_trace(trace_dir)))
+    (tokens_a, manifest, trace_a), (tokens_b, _, trace_b) = runs
+    same_until = [
+        next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
+        for x, y in zip(tokens_a, tokens_b, strict=True)
+    ]
+    rows_b = _rows_by_request_position(trace_b)
+    compared = agreed = 0
+    for (request, position), row_a in _rows_by_request_position(trace_a).items():
+        prompt_length = len(trace_a["positions"][trace_a["request_ids"] == request]) - (
+            max_tokens - 1
+        )
+        if position >= prompt_length + same_until[request] or (request, position) not in rows_b:
+            continue  # the models were fed different tokens from here on
+        for layer in manifest["layers"]:
+            ids_a = trace_a[f"topk_ids.{layer}"][row_a].sort().values
+            ids_b = trace_b[f"topk_ids.{layer}"][rows_b[(request, position)]].sort().values
+            compared += 1
+            agreed += bool(torch.equal(ids_a, ids_b))
+    return {
+        "original": str(original),
+        "widened": str(widened),
+        "prompts": len(prompts),
+        "tokens_per_prompt": max_tokens,
+        "identical_generations": sum(a == b for a, b in zip(tokens_a, tokens_b, strict=True)),
+        "tokens_agreeing_before_the_first_difference": sum(same_until),
+        "tokens": len(prompts) * max_tokens,
+        "routing_decisions_compared": compared,
+        "routing_decisions_identical": agreed,
+    }
+
+
+def _rows_by_request_position(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, int], int]:
+    pairs = zip(tensors["request_ids"].tolist(), tensors["positions"].tolist(), strict=True)
+    return {pair: row for row, pair in enumerate(pairs)}

@@ -115,3 +115,25 @@ def test_refuses_a_quantized_checkpoint(models: tuple[Path, Path], tmp_path: Pat
     (copy / "config.json").write_text(json.dumps({**config, "quantization_config": {}}))
     with pytest.raises(WidenError, match="quantized"):
         widen_checkpoint(copy, FACTOR, tmp_path / "out")
+
+
+def test_agreement_compares_routing_only_where_both_models_were_fed_the_same_tokens():
+    from vllm_expertflow.tools.widen_model import agreement
+
+    # One request: 2 prompt rows, then the generated tokens fed back (the last one is not).
+    def trace(topk: list[list[int]]) -> dict:
+        return {
+            "request_ids": torch.zeros(len(topk), dtype=torch.int32),
+            "positions": torch.arange(len(topk), dtype=torch.int32),
+            "topk_ids.0": torch.tensor(topk),
+        }
+
+    tokens_a, tokens_b = [[5, 6, 7]], [[5, 9, 7]]  # the second generated token differs
+    trace_a = trace([[0, 1], [2, 3], [1, 0], [4, 5]])
+    trace_b = trace([[1, 0], [2, 7], [1, 0], [6, 6]])
+    report = agreement(tokens_a, tokens_b, trace_a, trace_b, layers=[0])
+    # Rows 0-2 saw the same tokens (prompt, then token 5); row 3 was fed 6 against 9.
+    assert report["routing_decisions_compared"] == 3
+    assert report["routing_decisions_identical"] == 2  # row 1 routed differently
+    assert report["tokens_agreeing_before_the_first_difference"] == 1
+    assert report["identical_generations"] == 0 and report["tokens"] == 3

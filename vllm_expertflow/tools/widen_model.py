@@ -187,6 +187,24 @@ def compare_models(
                 llm.collective_rpc("expertflow_stop_tracing")
             runs.append(([list(o.outputs[0].token_ids) for o in outputs], *read_trace(trace_dir)))
     (tokens_a, manifest, trace_a), (tokens_b, _, trace_b) = runs
+    return {
+        "original": str(original),
+        "widened": str(widened),
+        "prompts": len(prompts),
+        "tokens_per_prompt": max_tokens,
+        **agreement(tokens_a, tokens_b, trace_a, trace_b, manifest["layers"]),
+    }
+
+
+def agreement(
+    tokens_a: list[list[int]],
+    tokens_b: list[list[int]],
+    trace_a: dict[str, torch.Tensor],
+    trace_b: dict[str, torch.Tensor],
+    layers: list[int],
+) -> dict:
+    """How many generated tokens, and routing decisions of rows both models were fed the same
+    tokens for, agree. Request i of each trace is prompt i; its last generated token is not fed."""
     same_until = [
         next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
         for x, y in zip(tokens_a, tokens_b, strict=True)
@@ -194,24 +212,19 @@ def compare_models(
     rows_b = _rows_by_request_position(trace_b)
     compared = agreed = 0
     for (request, position), row_a in _rows_by_request_position(trace_a).items():
-        prompt_length = len(trace_a["positions"][trace_a["request_ids"] == request]) - (
-            max_tokens - 1
-        )
+        fed = int((trace_a["request_ids"] == request).sum())
+        prompt_length = fed - (len(tokens_a[request]) - 1)
         if position >= prompt_length + same_until[request] or (request, position) not in rows_b:
             continue  # the models were fed different tokens from here on
-        for layer in manifest["layers"]:
+        for layer in layers:
             ids_a = trace_a[f"topk_ids.{layer}"][row_a].sort().values
             ids_b = trace_b[f"topk_ids.{layer}"][rows_b[(request, position)]].sort().values
             compared += 1
             agreed += bool(torch.equal(ids_a, ids_b))
     return {
-        "original": str(original),
-        "widened": str(widened),
-        "prompts": len(prompts),
-        "tokens_per_prompt": max_tokens,
         "identical_generations": sum(a == b for a, b in zip(tokens_a, tokens_b, strict=True)),
         "tokens_agreeing_before_the_first_difference": sum(same_until),
-        "tokens": len(prompts) * max_tokens,
+        "tokens": sum(len(tokens) for tokens in tokens_a),
         "routing_decisions_compared": compared,
         "routing_decisions_identical": agreed,
     }

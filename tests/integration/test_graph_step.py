@@ -57,10 +57,13 @@ def test_tokens_do_not_depend_on_the_cache_size(graph_engine, prompts, demo_conf
         )
     print({name: stats for name, (_, stats) in runs.items()})
     assert runs["0.25"][0] == runs["1.0"][0] and runs["min"][0] == runs["1.0"][0]
-    for _, total in runs.values():
+    for name, (_, total) in runs.items():
         assert total["hits"] + total["misses"] == total["lookups"] > 0
-        assert 0 < total["bytes_loaded"] <= total["misses"] * expert_bytes
         assert total["prefetches_issued"] == 0
+        if name == "1.0":  # filled when built: serving never loads
+            assert total["misses"] == 0 and total["bytes_loaded"] == 0
+        else:
+            assert 0 < total["bytes_loaded"] <= total["misses"] * expert_bytes
     assert runs["0.25"][1]["hits"] > 0
 
 

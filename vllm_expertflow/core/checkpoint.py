@@ -55,3 +55,17 @@ def routing_config_hash(model_dir: str) -> str:
     if widened_from is not None:
         return widened_from["config_hash"]
     return hashlib.sha256(raw).hexdigest()
+
+
+def tensor_bytes(model_dir: str) -> dict[str, int]:
+    """Every tensor of the checkpoint's safetensors files and its size in bytes, read from the
+    files' headers (no tensor data is read)."""
+    sizes = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                start, end = entry["data_offsets"]
+                sizes[name] = end - start
+    return sizes

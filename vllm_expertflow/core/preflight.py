@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 
-from .checkpoint import routing_config_hash
+from .checkpoint import routing_config_hash, tensor_bytes
 from .config import ExpertFlowConfig, ExpertFlowConfigError
 from .disk_store import store_folder_prefix
 from .model_shape import MoEShape
@@ -122,13 +122,4 @@ def _has_a_store_of(store_dir: str, model_dir: str) -> bool:
 
 def expert_bytes(model_dir: str) -> int:
     """Bytes of the checkpoint's routed-expert tensors, read from the safetensors headers."""
-    total = 0
-    for path in glob.glob(os.path.join(model_dir, "*.safetensors")):
-        with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
-        for name, entry in header.items():
-            if ".experts." in name and isinstance(entry, dict):
-                start, end = entry["data_offsets"]
-                total += end - start
-    return total
+    return sum(size for name, size in tensor_bytes(model_dir).items() if ".experts." in name)

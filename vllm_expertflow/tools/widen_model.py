@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vllm_expertflow.core.checkpoint import WIDENED_FROM_KEY, routing_config_hash
+from vllm_expertflow.core.checkpoint import WIDENED_FROM_KEY, routing_config_hash, tensor_bytes
 from vllm_expertflow.core.files import atomic_path, write_text_atomically
 
 logger = logging.getLogger(__name__)
@@ -99,13 +99,14 @@ def widen_checkpoint(model_dir: Path, factor: int, out: Path) -> Path:
     shards = sorted(model_dir.glob("*.safetensors"))
     if not shards:
         raise WidenError(f"expertflow: no *.safetensors files in {model_dir}")
-    expert_bytes, other_bytes, widened_names = _tensor_bytes(shards)
+    sizes = tensor_bytes(str(model_dir))
+    widened_names = [n for n in sizes if _ROWS_REPEATED.search(n) or _COLUMNS_REPEATED.search(n)]
     if not widened_names:
         raise WidenError(
             f"expertflow: widen-model found no per-expert gate/up/down (or w1/w3/w2) tensors in "
             f"{model_dir}; checkpoints that store experts fused are not supported"
         )
-    needed = expert_bytes * factor + other_bytes
+    needed = sum(sizes.values()) + sum(sizes[name] for name in widened_names) * (factor - 1)
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free
@@ -139,25 +140,6 @@ def widen_checkpoint(model_dir: Path, factor: int, out: Path) -> Path:
             save_file(tensors, os.path.join(tmp, shard.name), metadata=metadata)
     logger.info("expertflow: wrote %s (experts %dx wider, %d bytes)", out, factor, needed)
     return out
-
-
-def _tensor_bytes(shards: list[Path]) -> tuple[int, int, list[str]]:
-    """Bytes of the widened expert tensors, bytes of everything else, and the widened names."""
-    expert_bytes = other_bytes = 0
-    widened = []
-    for shard in shards:
-        with open(shard, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = entry["data_offsets"]
-            if _ROWS_REPEATED.search(name) or _COLUMNS_REPEATED.search(name):
-                expert_bytes += end - start
-                widened.append(name)
-            else:
-                other_bytes += end - start
-    return expert_bytes, other_bytes, widened
 
 
 def compare_models(
@@ -210,11 +192,12 @@ def agreement(
         for x, y in zip(tokens_a, tokens_b, strict=True)
     ]
     rows_b = _rows_by_request_position(trace_b)
+    fed = trace_a["request_ids"].bincount(minlength=len(tokens_a)).tolist()
+    prompt_lengths = [n - (len(tokens) - 1) for n, tokens in zip(fed, tokens_a, strict=False)]
     compared = agreed = 0
     for (request, position), row_a in _rows_by_request_position(trace_a).items():
-        fed = int((trace_a["request_ids"] == request).sum())
-        prompt_length = fed - (len(tokens_a[request]) - 1)
-        if position >= prompt_length + same_until[request] or (request, position) not in rows_b:
+        same = prompt_lengths[request] + same_until[request]
+        if position >= same or (request, position) not in rows_b:
             continue  # the models were fed different tokens from here on
         for layer in layers:
             ids_a = trace_a[f"topk_ids.{layer}"][row_a].sort().values

@@ -114,6 +114,8 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vllm_expertflow.core.tracer import read_trace
+
     resolve_defaults(args)
     budgets = [float(b) for b in args.budgets.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -137,9 +139,11 @@ def run(args: argparse.Namespace) -> int:
     for checkpoint in args.quantized:
         rows += run_quantized(args, checkpoint, prompts, budgets, batches)
     add_ratios(rows)
+    # Read once: the limits and the offline replays both replay it.
+    trace = read_trace(str(trace_dir)) if trace_dir.exists() else None
     if online and "stock" in policies:
-        add_limits(rows, trace_dir, args.decode_tokens, load_seconds)
-    offline = offline_rows(args, budgets, policies, trace_dir) if trace_dir.exists() else []
+        add_limits(rows, trace, args.decode_tokens, load_seconds)
+    offline = offline_rows(args, budgets, policies, trace) if trace is not None else []
     write_results(args, rows, offline)
     return 0
 
@@ -322,16 +326,17 @@ def generation_steps(tensors: dict, batch: int, decode_tokens: int) -> list[list
     return [prefill] + [list(step) for step in zip(*decode, strict=True)]
 
 
-def add_limits(rows: list[dict], trace_dir: Path, decode_tokens: int, load_seconds: float) -> None:
+def add_limits(
+    rows: list[dict], trace: tuple[dict, dict], decode_tokens: int, load_seconds: float
+) -> None:
     """Adds the physical limit and `limit_ratio` to every bf16 expertflow row.
 
     Belady's loads are those of a generation run right after the same one (the measured runs
     repeat the prompts), counted over its decode steps only, as decode time is measured.
     """
     from vllm_expertflow.core.replay import replay, slots_for_fraction
-    from vllm_expertflow.core.tracer import read_trace
 
-    manifest, tensors = read_trace(str(trace_dir))
+    manifest, tensors = trace
     stock = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["policy"] == "stock"}
     belady: dict[tuple[float, int], float] = {}
     for row in rows:
@@ -355,14 +360,13 @@ def add_limits(rows: list[dict], trace_dir: Path, decode_tokens: int, load_secon
         )
 
 
-def offline_rows(args, budgets, policies, trace_dir: Path) -> list[dict]:
+def offline_rows(args, budgets, policies, trace: tuple[dict, dict]) -> list[dict]:
     """Replays of the recorded trace: loads per policy against Belady, and predictor recall."""
     from vllm_expertflow.core.checkpoint import load_gate_weights, routing_config_hash
     from vllm_expertflow.core.predictor import GatePredictor, load_predictor, predictor_recall
     from vllm_expertflow.core.replay import replay, slots_for_fraction
-    from vllm_expertflow.core.tracer import read_trace
 
-    manifest, tensors = read_trace(str(trace_dir))
+    manifest, tensors = trace
     gates = load_gate_weights(str(args.model))
     predictors = {"gate": GatePredictor(gates, args.prefetch_depth)}
     for name in ("transition", "learned"):

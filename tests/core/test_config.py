@@ -61,15 +61,18 @@ def test_auto_step_takes_the_graph_step_only_where_it_can_run(monkeypatch):
     assert ExpertFlowConfig().resolved_step("cuda", quantized=False) == "graph"
     assert ExpertFlowConfig().resolved_step("cpu", quantized=False) == "host"
     assert ExpertFlowConfig().resolved_step("cuda", quantized=True) == "host"
+    assert ExpertFlowConfig().resolved_step("cuda", quantized=False, biased=True) == "host"
     assert ExpertFlowConfig(store="disk").resolved_step("cuda", quantized=False) == "host"
     assert ExpertFlowConfig(predictor="gate").resolved_step("cuda", quantized=False) == "host"
 
 
-def test_graph_step_refuses_quantized_experts_and_a_cpu_without_the_interpreter(monkeypatch):
+def test_graph_step_refuses_quantized_or_biased_experts_and_a_bare_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     graph = ExpertFlowConfig(step="graph")
     with pytest.raises(ExpertFlowConfigError, match="quantized experts need step=host"):
         graph.resolved_step("cuda", quantized=True)
+    with pytest.raises(ExpertFlowConfigError, match="biased experts need step=host"):
+        graph.resolved_step("cuda", quantized=False, biased=True)
     with pytest.raises(ExpertFlowConfigError, match="use step=host on a CPU"):
         graph.resolved_step("cpu", quantized=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -36,6 +36,27 @@ def test_slots_hold_the_requested_experts_and_count_hits():
     assert stats.bytes_loaded == 3 * pool.store.layout.nbytes
 
 
+def test_expert_biases_travel_with_their_expert_into_the_same_slot():
+    store = RamStore(NUM_EXPERTS, pin_memory=False)
+    layer = {
+        "w13": torch.randn(NUM_EXPERTS, 8, 4),
+        "w2": torch.randn(NUM_EXPERTS, 4, 4),
+        "w13_bias": torch.randn(NUM_EXPERTS, 8),
+        "w2_bias": torch.randn(NUM_EXPERTS, 4),
+    }
+    store.write_layer(0, layer)
+    store.finish_writing()
+    pool = ExpertPool(store, 2, torch.device("cpu"), [0], LRUPolicy(), OffloadStats())
+    assert set(pool.slot_tensors) == set(layer)
+    for experts in ([5, 2], [7]):  # 7 evicts 5: its slot's biases must be 7's, not 5's
+        slots = pool.ensure_resident(0, experts)
+        for expert, slot in zip(experts, slots, strict=True):
+            for name, weights in layer.items():
+                assert torch.equal(pool.slot_tensors[name][slot], weights[expert])
+        pool.release(slots)
+    assert pool.stats.layer(0).bytes_loaded == 3 * store.layout.nbytes
+
+
 def test_experts_of_the_current_step_are_never_evicted():
     pool, weights = make_pool(4)
     first = pool.ensure_resident(0, [0, 1])
@@ -85,10 +106,10 @@ class ScaledInt8Codec(ExpertCodec):
             TensorSpec("w2", parts["w2_codes"].shape, torch.float32),
         )
 
-    def decode(self, record, w13_out, w2_out):
+    def decode(self, record, slot):
         self.threads.append(threading.current_thread().name)
-        w13_out.copy_(record["w13_codes"].float() * record["scale"])
-        w2_out.copy_(record["w2_codes"].float() * record["scale"])
+        slot["w13"].copy_(record["w13_codes"].float() * record["scale"])
+        slot["w2"].copy_(record["w2_codes"].float() * record["scale"])
 
 
 def int8_pool() -> tuple[ExpertPool, torch.Tensor, torch.Tensor]:

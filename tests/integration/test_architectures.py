@@ -1,9 +1,10 @@
 """Every MoE family vLLM's stock backend runs here gives stock's greedy tokens when offloaded.
 
-Tiny random instances (vllm_expertflow/tools/tiny_moe.py) at the smallest cache (the model's
-top-k: every layer runs in rounds), against stock's tokens in golden/tiny_moe_tokens.json
-(make_tiny_golden.py). Families stock vLLM cannot run on this machine are skipped with stock's
-own error; families the backend refuses are refused where the config is built.
+Tiny random instances (vllm_expertflow/tools/tiny_moe.py), one expertflow engine each on a disk
+store, at a quarter of the experts resident and then (reconfigured) at the smallest cache (the
+model's top-k: every layer runs in rounds), against stock's tokens in golden/tiny_moe_tokens.json
+(make_tiny_golden.py). Prompts are batched and their prefills chunked. Families stock vLLM
+cannot run on this machine are skipped with stock's own error.
 """
 
 import json
@@ -12,8 +13,9 @@ import pytest
 from make_golden import environment, first_difference, model_fingerprint
 from make_tiny_golden import GOLDEN, MAX_NUM_BATCHED_TOKENS, MAX_TOKENS, PROMPTS, REGENERATE
 
+from vllm_expertflow import get_stats, reconfigure
 from vllm_expertflow.core.model_shape import MoEShape
-from vllm_expertflow.tools.engine_runs import run_greedy
+from vllm_expertflow.tools.engine_runs import greedy_params, open_engine
 from vllm_expertflow.tools.tiny_moe import FAMILIES, build_tiny_moe
 
 # The MoE layers' real ids: dense first layers and interleaved MoE layers are not offloaded.
@@ -24,7 +26,6 @@ MOE_LAYERS = {
     "glm4_moe": [1, 2],  # first_k_dense_replace 1
     "llama4_text": [1, 3],  # MoE on every other layer
 }
-REFUSED = {"gpt_oss": "has expert biases"}
 
 
 @pytest.fixture(scope="module")
@@ -54,35 +55,25 @@ def expected(golden, models, family):
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
-def test_offloaded_tokens_equal_stock_at_the_smallest_cache(golden, models, family):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_offloaded_tokens_equal_stock_at_a_quarter_and_at_the_smallest_cache(
+    golden, models, family, tmp_path
+):
     stock = expected(golden, models, family)
     config = json.loads((models[family] / "config.json").read_text())
     top_k = MoEShape.of(config).top_k
-    run = run_greedy(
-        PROMPTS,
+    store = {"store": "disk", "store_dir": str(tmp_path)}
+    with open_engine(
         "expertflow",
-        {"cache_experts": top_k},
+        {**store, "cache_fraction": 0.25},
         models[family],
-        MAX_TOKENS,
         max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-    )
-    assert run.token_ids == stock
-    layers = sorted(int(layer) for layer in run.stats["layers"])
-    assert layers == MOE_LAYERS.get(family, [0, 1, 2])
-    assert run.stats["total"]["misses"] > 0
-
-
-@pytest.mark.parametrize("family, reason", REFUSED.items())
-def test_what_the_backend_cannot_offload_is_refused_where_the_config_is_built(
-    golden, models, family, reason
-):
-    expected(golden, models, family)  # stock runs it
-    from vllm.engine.arg_utils import EngineArgs
-
-    from vllm_expertflow.integration.plugin import register
-
-    register()
-    args = EngineArgs(model=str(models[family]), moe_backend="expertflow")
-    with pytest.raises(ValueError, match=reason):
-        args.create_engine_config()
+    ) as llm:
+        for options in ({"cache_fraction": 0.25}, {"cache_experts": top_k}):
+            reconfigure(llm, {**store, **options})  # fresh statistics for each cache size
+            outputs = llm.generate(PROMPTS, greedy_params(MAX_TOKENS), use_tqdm=False)
+            assert [list(o.outputs[0].token_ids) for o in outputs] == stock, options
+            stats = get_stats(llm)
+            layers = sorted(int(layer) for layer in stats["layers"])
+            assert layers == MOE_LAYERS.get(family, [0, 1, 2])
+            assert stats["total"]["misses"] > 0

@@ -5,22 +5,21 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_expertflow.integration.plugin import register
-from vllm_expertflow.integration.support import unsupported_feature
+from vllm_expertflow.integration.support import has_expert_biases
 
 
 @pytest.mark.parametrize(
-    "config, feature",
+    "config, biased",
     [
-        (SimpleNamespace(model_type="qwen3_moe", num_experts=32), None),
-        (SimpleNamespace(model_type="qwen2_moe", shared_expert_intermediate_size=64), None),
-        (SimpleNamespace(model_type="deepseek_v3", n_shared_experts=1), None),
-        (SimpleNamespace(text_config=SimpleNamespace(model_type="llama4_text")), None),
-        (SimpleNamespace(model_type="gpt_oss"), "expert biases"),
-        (SimpleNamespace(text_config=SimpleNamespace(model_type="gpt_oss")), "expert biases"),
+        (SimpleNamespace(model_type="qwen3_moe", num_experts=32), False),
+        (SimpleNamespace(model_type="qwen2_moe", shared_expert_intermediate_size=64), False),
+        (SimpleNamespace(text_config=SimpleNamespace(model_type="llama4_text")), False),
+        (SimpleNamespace(model_type="gpt_oss"), True),
+        (SimpleNamespace(text_config=SimpleNamespace(model_type="gpt_oss")), True),
     ],
 )
-def test_features_are_read_from_the_hf_config(config, feature):
-    assert unsupported_feature(config) == feature
+def test_expert_biases_are_read_from_the_hf_config(config, biased):
+    assert has_expert_biases(config) == biased
 
 
 @pytest.mark.parametrize(

@@ -135,15 +135,18 @@ class ExpertFlowConfig:
             )
         return min(slots, total)
 
-    def resolved_step(self, device_type: str, quantized: bool) -> str:
-        """`host` or `graph`; `auto` takes the graph step wherever it can run."""
+    def resolved_step(self, device_type: str, quantized: bool, biased: bool = False) -> str:
+        """`host` or `graph`; `auto` takes the graph step wherever it can run.
+
+        `quantized`: int4 experts; `biased`: experts with biases (the graph kernel has none)."""
         if self.step == "auto":
-            graph_ok = self.store == "ram" and self.predictor == "none" and not quantized
+            graph_ok = self.store == "ram" and self.predictor == "none"
+            graph_ok = graph_ok and not quantized and not biased
             return "graph" if device_type == "cuda" and graph_ok else "host"
-        if self.step == "graph" and quantized:
+        if self.step == "graph" and (quantized or biased):
             raise ExpertFlowConfigError(
-                "expertflow: step=graph reads bf16 experts from host memory in its kernel; "
-                "quantized experts need step=host"
+                "expertflow: step=graph reads bf16 experts without biases from host memory in "
+                f"its kernel; {'quantized' if quantized else 'biased'} experts need step=host"
             )
         if self.step == "graph" and device_type != "cuda" and not _triton_interprets():
             raise ExpertFlowConfigError(

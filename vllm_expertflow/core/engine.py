@@ -57,6 +57,7 @@ class OffloadEngine:
         self.store: ExpertStore | None = None
         self.codec = ExpertCodec()
         self.quantized = False
+        self.biased = False
         self.step_kind = "host"  # resolved when the first layer says whether it is quantized
         self.pool: ExpertPool | None = None
         self.prefetcher: Prefetcher | None = None
@@ -82,15 +83,20 @@ class OffloadEngine:
         kernel: SlotKernel,
         store_format: str,
         codec: ExpertCodec | None = None,
+        biased: bool = False,
     ) -> None:
         """Registers a MoE layer before its weights load; the first one opens the store.
 
         `kernel` computes the layer on slots (the host step); `store_format` names the stored
-        layout (part of the disk store's key); `codec` expands stored records into slots.
+        layout (part of the disk store's key); `codec` expands stored records into slots;
+        `biased`: the experts have biases, stored and loaded with their weights.
         """
         if self.store is None:
             self.quantized = codec is not None
-            self.step_kind = self.config.resolved_step(self.device.type, self.quantized)
+            self.biased = biased
+            self.step_kind = self.config.resolved_step(
+                self.device.type, self.quantized, self.biased
+            )
             self.store = self._make_store(num_experts, store_format)
             self.codec = codec or ExpertCodec()
         if num_experts != self.store.num_experts:
@@ -131,7 +137,7 @@ class OffloadEngine:
             self.config.resolved_store_dir,
         ):
             raise ExpertFlowConfigError("expertflow: reconfigure cannot change store or store_dir")
-        if config.resolved_step(self.device.type, self.quantized) != self.step_kind:
+        if config.resolved_step(self.device.type, self.quantized, self.biased) != self.step_kind:
             raise ExpertFlowConfigError(
                 f"expertflow: reconfigure cannot change step={self.step_kind}"
             )

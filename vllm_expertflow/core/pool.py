@@ -81,9 +81,12 @@ class ExpertPool:
         self.table = PageTable(num_slots, policy)
         self.device = device
         self.device_table = DevicePageTable(layers, store.num_experts, device)
-        w13, w2 = self.codec.slot_specs(store.layout)
-        self.w13 = torch.empty((num_slots, *w13.shape), dtype=w13.dtype, device=device)
-        self.w2 = torch.empty((num_slots, *w2.shape), dtype=w2.dtype, device=device)
+        # Every tensor of a slot, `[num_slots, ...]` each: `w13`, `w2` and, for models whose
+        # experts have them, their biases. Kernels index them all by slot id.
+        self.slot_tensors = {
+            spec.name: torch.empty((num_slots, *spec.shape), dtype=spec.dtype, device=device)
+            for spec in self.codec.slot_specs(store.layout)
+        }
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.io_threads = io_threads
         self._io = (
@@ -103,6 +106,16 @@ class ExpertPool:
         self._num_permanent = 0
         self.mean_load_seconds: float | None = None  # per expert, a running mean
         self.holds_every_expert = False  # set by `fill`
+
+    @property
+    def w13(self) -> torch.Tensor:
+        """Fused gate/up weights, `[num_slots, ...]` in the kernel's layout."""
+        return self.slot_tensors["w13"]
+
+    @property
+    def w2(self) -> torch.Tensor:
+        """Down weights, `[num_slots, ...]` in the kernel's layout."""
+        return self.slot_tensors["w2"]
 
     @property
     def num_slots(self) -> int:
@@ -298,9 +311,9 @@ class ExpertPool:
         readers = self.io_threads + DEMAND_READERS if self._io is not None else 1
 
         def read_share(share: list[ExpertKey]) -> None:
-            w13, w2 = torch.empty_like(self.w13[0]), torch.empty_like(self.w2[0])
+            scratch = {name: torch.empty_like(t[0]) for name, t in self.slot_tensors.items()}
             for layer, expert in share:
-                self._read_into(layer, expert, w13, w2)
+                self._read_into(layer, expert, scratch)
 
         start = time.perf_counter()
         with ThreadPoolExecutor(readers) as executor:
@@ -312,7 +325,7 @@ class ExpertPool:
 
     def _copy_in(self, layer: int, expert: int, slot: int) -> None:
         start = time.perf_counter()
-        self._read_into(layer, expert, self.w13[slot], self.w2[slot])
+        self._read_into(layer, expert, {name: t[slot] for name, t in self.slot_tensors.items()})
         # Queued behind the copy (same stream or thread): kernels see the slot once it holds
         # the expert, and read the store until then.
         self.device_table.set(layer, expert, slot)
@@ -320,8 +333,9 @@ class ExpertPool:
         self.stats.record_load(layer, self.store.layout.nbytes, seconds)
         self.mean_load_seconds = running_mean(self.mean_load_seconds, seconds)
 
-    def _read_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """One load: the store's read, expanded into `w13`/`w2`, through the emulated link."""
-        self.codec.decode(self.store.read_expert(layer, expert), w13, w2)
+    def _read_into(self, layer: int, expert: int, slot: dict[str, torch.Tensor]) -> None:
+        """One load: the store's read, expanded into one slot's tensors, through the emulated
+        link."""
+        self.codec.decode(self.store.read_expert(layer, expert), slot)
         if self.link is not None:
             self.link.transfer(self.store.layout.nbytes)

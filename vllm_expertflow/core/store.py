@@ -39,8 +39,9 @@ class TensorSpec:
 class ExpertLayout:
     """One expert's stored tensors, back to back in one record (one read per load).
 
-    A plain store holds `w13` (fused gate/up) and `w2` (down) in the kernel's layout; a
-    quantized one holds the packed weights with their scales, which a codec expands on load.
+    A plain store holds `w13` (fused gate/up) and `w2` (down) in the kernel's layout, and the
+    experts' biases (`w13_bias`, `w2_bias`) where the model has them; a quantized one holds the
+    packed weights with their scales, which a codec expands on load.
     """
 
     parts: tuple[TensorSpec, ...]
@@ -78,17 +79,14 @@ class ExpertCodec:
     stored bytes and the kernel still sees its own layout.
     """
 
-    def slot_specs(self, layout: ExpertLayout) -> tuple[TensorSpec, TensorSpec]:
-        """Shapes and dtype of one slot's `w13` and `w2`."""
-        parts = {part.name: part for part in layout.parts}
-        return parts["w13"], parts["w2"]
+    def slot_specs(self, layout: ExpertLayout) -> tuple[TensorSpec, ...]:
+        """One slot's named tensors: `w13` and `w2`, and any others the kernel reads."""
+        return layout.parts
 
-    def decode(
-        self, record: dict[str, torch.Tensor], w13_out: torch.Tensor, w2_out: torch.Tensor
-    ) -> None:
-        """Writes one expert into the slot tensors (asynchronously on CUDA)."""
-        w13_out.copy_(record["w13"], non_blocking=True)
-        w2_out.copy_(record["w2"], non_blocking=True)
+    def decode(self, record: dict[str, torch.Tensor], slot: dict[str, torch.Tensor]) -> None:
+        """Writes one expert into its slot's tensors (asynchronously on CUDA)."""
+        for name, out in slot.items():
+            out.copy_(record[name], non_blocking=True)
 
 
 class ExpertStore(ABC):

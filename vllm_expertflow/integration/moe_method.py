@@ -23,7 +23,11 @@ import torch
 from torch.library import Library
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
+from vllm.model_executor.layers.fused_moe.config import (
+    FusedMoEConfig,
+    FusedMoEQuantConfig,
+    biased_moe_quant_config,
+)
 from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
     convert_to_unquantized_kernel_format,
 )
@@ -42,20 +46,24 @@ from .engine_hooks import OffloadedModel, layer_index, loading_model
 from .patches import BACKEND_NAME
 
 _KERNEL_LAYOUT_CHUNK = 8  # experts converted at a time, bounding the transient copy
+_PARAM_OF = {"w13": "w13_weight", "w2": "w2_weight"}  # stored name -> the layer's parameter
 
 
 class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
     def __init__(self, moe: FusedMoEConfig) -> None:
         self.offloaded: OffloadedModel | None = None
+        self.slot_biases: dict[str, torch.Tensor] = {}
         if moe.moe_backend != BACKEND_NAME:
             super().__init__(moe)
             return
         # The stock oracle picks the platform's kernel; ours only decides where weights live.
         super().__init__(dataclasses.replace(moe, moe_backend="auto"))
-        # support.check refused such models where the config was built; this layer says so too.
-        assert not moe.has_bias, "expertflow cannot offload experts with biases"
         self.offloaded = loading_model()
         self.layer_index = -1
+        # The kernel indexes expert biases by the ids it is given, slot ids here: it reads
+        # these, which `_slot_kernel` binds to the pool's slot biases before each call.
+        if moe.has_bias:
+            self.slot_biases = {"w13_bias": torch.empty(0), "w2_bias": torch.empty(0)}
 
     @property
     def mk_can_overlap_shared_experts(self) -> bool:  # type: ignore[override]
@@ -107,6 +115,7 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
             functools.partial(self._slot_kernel, layer),
             f"{self.experts_cls.__name__}, {store_format}",
             codec,
+            biased=self.moe.has_bias,
         )
         if engine.store.has_layer(self.layer_index):
             extra_weight_attrs["weight_loader"] = _skip_stored_weights
@@ -125,10 +134,11 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
             # The graph step's own kernel reads the checkpoint layout, in the pool and the store.
             stored = lambda: {"w13": layer.w13_weight.data, "w2": layer.w2_weight.data}  # noqa: E731
         else:
-            stored = lambda: self.to_kernel_layout(layer.w13_weight, layer.w2_weight)  # noqa: E731
+            biases = {name: getattr(layer, name) for name in self.slot_biases}
+            stored = lambda: self.to_kernel_layout(layer.w13_weight, layer.w2_weight, biases)  # noqa: E731
         self.store_layer(layer, stored)
-        replace_parameter(layer, "w13_weight", torch.empty(0, dtype=layer.w13_weight.dtype))
-        replace_parameter(layer, "w2_weight", torch.empty(0, dtype=layer.w2_weight.dtype))
+        for name in ("w13_weight", "w2_weight", *self.slot_biases):
+            replace_parameter(layer, name, torch.empty(0, dtype=getattr(layer, name).dtype))
 
     def store_layer(
         self, layer: torch.nn.Module, stored_tensors: Callable[[], dict[str, torch.Tensor]]
@@ -139,27 +149,36 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         if not store.has_layer(self.layer_index):
             store.write_layer(self.layer_index, stored_tensors())
 
-    def to_kernel_layout(self, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+    def to_kernel_layout(
+        self, w13: torch.Tensor, w2: torch.Tensor, biases: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Runs the stock kernel's own weight conversion (e.g. CPU prepacking) a chunk at a time.
 
-        `w13: [E, 2I, H]`, `w2: [E, H, I]` in checkpoint layout; returns `{"w13", "w2"}`.
+        `w13: [E, 2I, H]`, `w2: [E, H, I]` in checkpoint layout, `biases` (`w13_bias: [E, 2I]`,
+        `w2_bias: [E, H]`) if the experts have them; returns `{"w13", "w2"}` and the biases,
+        converted too (the CPU kernel pads them with the weights).
         """
-        w13_parts, w2_parts = [], []
+        parts: dict[str, list[torch.Tensor]] = {"w13": [], "w2": []}
+        parts.update({name: [] for name in biases or {}})
         for start in range(0, w13.shape[0], _KERNEL_LAYOUT_CHUNK):
             chunk = torch.nn.Module()
+            rows = slice(start, start + _KERNEL_LAYOUT_CHUNK)
             w13_chunk, w2_chunk = convert_to_unquantized_kernel_format(
                 self.unquantized_backend,
                 moe_config=self.moe,
-                w13_weight=w13.data[start : start + _KERNEL_LAYOUT_CHUNK],
-                w2_weight=w2.data[start : start + _KERNEL_LAYOUT_CHUNK],
+                w13_weight=w13.data[rows],
+                w2_weight=w2.data[rows],
                 layer=chunk,
             )
             chunk.w13_weight = torch.nn.Parameter(w13_chunk.contiguous(), requires_grad=False)
             chunk.w2_weight = torch.nn.Parameter(w2_chunk.contiguous(), requires_grad=False)
+            for name, bias in (biases or {}).items():
+                bias_chunk = torch.nn.Parameter(bias.data[rows].clone(), requires_grad=False)
+                setattr(chunk, name, bias_chunk)
             self.moe_kernel.fused_experts.process_weights_after_loading(chunk)
-            w13_parts.append(chunk.w13_weight.data)
-            w2_parts.append(chunk.w2_weight.data)
-        return {"w13": torch.cat(w13_parts), "w2": torch.cat(w2_parts)}
+            for name, chunk_parts in parts.items():
+                chunk_parts.append(getattr(chunk, _PARAM_OF.get(name, name)).data)
+        return {name: torch.cat(chunk_parts) for name, chunk_parts in parts.items()}
 
     def apply(
         self,
@@ -179,6 +198,18 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         # An opaque op: the step reads routing on the host, which torch.compile cannot trace.
         return torch.ops.expertflow.moe_step(x, topk_weights, topk_ids, layer.layer_name)
 
+    def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> FusedMoEQuantConfig:
+        config = super().get_fused_moe_quant_config(layer)
+        if not self.slot_biases:
+            return config
+        return biased_moe_quant_config(
+            self.slot_biases["w13_bias"],
+            self.slot_biases["w2_bias"],
+            gemm1_alpha=config.gemm1_alpha,
+            gemm1_beta=config.gemm1_beta,
+            gemm1_clamp_limit=config.gemm1_clamp_limit,
+        )
+
     def _slot_kernel(
         self,
         layer: torch.nn.Module,
@@ -188,6 +219,8 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         pool: ExpertPool,
     ) -> torch.Tensor:
         """The stock kernel on the pool's slots, router ids already remapped to slot ids."""
+        for name, bias in self.slot_biases.items():
+            bias.data = pool.slot_tensors[name]  # the pool may have been rebuilt since
         return self.moe_kernel.apply(
             hidden_states=x,
             w1=pool.w13,

@@ -65,9 +65,9 @@ class PackedInt4Codec(ExpertCodec):
         self.w2_shape = (hidden_size, intermediate_size)
         self.dtype = dtype
         self.bf16_method = bf16_method
-        self._slot_specs: tuple[TensorSpec, TensorSpec] | None = None
+        self._slot_specs: tuple[TensorSpec, ...] | None = None
 
-    def slot_specs(self, layout: ExpertLayout) -> tuple[TensorSpec, TensorSpec]:
+    def slot_specs(self, layout: ExpertLayout) -> tuple[TensorSpec, ...]:
         if self._slot_specs is None:
             # The kernel's layout may pad or block the weights: ask it, with one empty expert.
             slot = self.bf16_method.to_kernel_layout(
@@ -86,13 +86,11 @@ class PackedInt4Codec(ExpertCodec):
             record, "w2", self.w2_shape
         )
 
-    def decode(
-        self, record: dict[str, torch.Tensor], w13_out: torch.Tensor, w2_out: torch.Tensor
-    ) -> None:
+    def decode(self, record: dict[str, torch.Tensor], slot: dict[str, torch.Tensor]) -> None:
         w13, w2 = self.dequantize(record)
-        slot = self.bf16_method.to_kernel_layout(w13[None], w2[None])
-        w13_out.copy_(slot["w13"][0], non_blocking=True)
-        w2_out.copy_(slot["w2"][0], non_blocking=True)
+        expanded = self.bf16_method.to_kernel_layout(w13[None], w2[None])
+        for name, out in slot.items():
+            out.copy_(expanded[name][0], non_blocking=True)
 
     def _dequantize(
         self, record: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int]

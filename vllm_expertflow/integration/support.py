@@ -30,14 +30,14 @@ def check(vllm_config: Any) -> ExpertFlowConfig:
     config = ExpertFlowConfig.from_dict((vllm_config.additional_config or {}).get("expertflow"))
     model = vllm_config.model_config
     quantized = model is not None and model.quantization is not None
-    config.resolved_step(vllm_config.device_config.device_type, quantized=quantized)
+    biased = model is not None and has_expert_biases(model.hf_config)
+    config.resolved_step(vllm_config.device_config.device_type, quantized, biased)
     if model is None:
         return config
-    feature = unsupported_feature(model.hf_config)
-    if feature is not None:
+    if quantized and biased:
         raise ExpertFlowConfigError(
-            f"expertflow: {model.model} has {feature}, which the expertflow backend does not "
-            "offload yet; use another --moe-backend for this model"
+            f"expertflow: {model.model} has quantized experts with biases, which the int4 "
+            "store does not carry; serve its bf16 checkpoint or use another --moe-backend"
         )
     if quantized:
         check_checkpoint(model.quantization, getattr(model.hf_config, "quantization_config", None))
@@ -45,13 +45,10 @@ def check(vllm_config: Any) -> ExpertFlowConfig:
     return config
 
 
-def unsupported_feature(hf_config: Any) -> str | None:
-    """The model feature the backend cannot serve, in words, or None."""
+def has_expert_biases(hf_config: Any) -> bool:
+    """Whether the model's routed experts have biases (stored and loaded with each expert)."""
     text = getattr(hf_config, "text_config", None) or hf_config
-    model_type = getattr(text, "model_type", "")
-    if model_type in _EXPERT_BIAS_MODELS:
-        return "expert biases"
-    return None
+    return getattr(text, "model_type", "") in _EXPERT_BIAS_MODELS
 
 
 def check_expert_scheme(weights: Any, activations: Any | None) -> None:

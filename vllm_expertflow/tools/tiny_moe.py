@@ -122,7 +122,8 @@ def build_tiny_moe(family: str, out: Path, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if name.endswith("e_score_correction_bias"):  # zeros at init: make it matter
+            # Zeros at init: make them matter (a bias loaded into the wrong slot must show).
+            if name.endswith(("e_score_correction_bias", "gate_up_proj_bias", "down_proj_bias")):
                 tensor.normal_(std=0.5)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp)

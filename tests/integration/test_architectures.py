@@ -15,8 +15,10 @@ from make_tiny_golden import GOLDEN, MAX_NUM_BATCHED_TOKENS, MAX_TOKENS, PROMPTS
 
 from vllm_expertflow import get_stats, reconfigure
 from vllm_expertflow.core.model_shape import MoEShape
+from vllm_expertflow.core.tracer import read_trace
 from vllm_expertflow.tools.engine_runs import greedy_params, open_engine
 from vllm_expertflow.tools.tiny_moe import FAMILIES, build_tiny_moe
+from vllm_expertflow.tools.trace import model_metadata
 
 # The MoE layers' real ids: dense first layers and interleaved MoE layers are not offloaded.
 MOE_LAYERS = {
@@ -77,3 +79,22 @@ def test_offloaded_tokens_equal_stock_at_a_quarter_and_at_the_smallest_cache(
             layers = sorted(int(layer) for layer in stats["layers"])
             assert layers == MOE_LAYERS.get(family, [0, 1, 2])
             assert stats["total"]["misses"] > 0
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("family", ["llama4_text", "gpt_oss"])
+def test_a_trace_records_the_real_moe_layers_and_routing_width(models, family, tmp_path):
+    """Llama-4: top-1, MoE on every other layer; gpt-oss: biased experts, every layer."""
+    shape = MoEShape.of(json.loads((models[family] / "config.json").read_text()))
+    with open_engine("expertflow", {"cache_fraction": 1.0}, models[family]) as llm:
+        metadata = model_metadata(models[family])
+        llm.collective_rpc("expertflow_start_tracing", args=(str(tmp_path), metadata, 1000, 1.0, 0))
+        llm.generate(PROMPTS[:1], greedy_params(2), use_tqdm=False)
+        manifest = llm.collective_rpc("expertflow_stop_tracing")[0]
+    assert manifest["layers"] == MOE_LAYERS.get(family, [0, 1, 2])
+    assert (manifest["num_experts"], manifest["top_k"]) == (shape.num_experts, shape.top_k)
+    _, tensors = read_trace(str(tmp_path))
+    assert {k for k in tensors if k.startswith("topk_ids.")} == {
+        f"topk_ids.{layer}" for layer in manifest["layers"]
+    }
+    assert all(tensors[f"topk_ids.{layer}"].shape[1] == shape.top_k for layer in manifest["layers"])

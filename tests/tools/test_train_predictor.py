@@ -36,7 +36,9 @@ def model_dir(tmp_path):
 def make_trace(directory, model_dir, requests: int, seed: int):
     """Tokens drift slowly across layers, so each layer's router sees a close cousin of the last."""
     gates = load_gates(model_dir)
-    tracer = RoutingTracer(str(directory), model_metadata(model_dir), max_tokens=10**6)
+    # The worker adds the MoE layers' ids to the trace tool's metadata.
+    metadata = {**model_metadata(model_dir), "layers": list(LAYERS)}
+    tracer = RoutingTracer(str(directory), metadata, max_tokens=10**6)
     g = torch.Generator().manual_seed(seed)
     for _ in range(requests):
         hidden = torch.randn(20, H, generator=g)

@@ -26,8 +26,10 @@ class ExpertFlowWorkerExtension:
     def expertflow_start_tracing(
         self, directory: str, metadata: dict, max_tokens: int, sample_rate: float, seed: int
     ) -> None:
-        """Records routing from the next forward on."""
+        """Records routing from the next forward on; `metadata` gets the MoE layers' real ids
+        (dense first layers and interleaved MoE are not in the trace)."""
         engine = self._expertflow_engine()
+        metadata = {**metadata, "layers": engine.layers}
         engine.tracer = RoutingTracer(directory, metadata, max_tokens, sample_rate, seed)
 
     def expertflow_stop_tracing(self) -> dict:

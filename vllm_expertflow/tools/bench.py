@@ -367,20 +367,22 @@ def offline_rows(args, budgets, policies, trace: tuple[dict, dict]) -> list[dict
     from vllm_expertflow.core.replay import replay, slots_for_fraction
 
     manifest, tensors = trace
-    gates = load_gate_weights(str(args.model))
-    predictors = {"gate": GatePredictor(gates, args.prefetch_depth)}
+    # Only what the run asked for: a predictor or hot set for another model is not loaded.
+    predictors = {}
+    if "gate" in policies:
+        predictors["gate"] = GatePredictor(load_gate_weights(str(args.model)), args.prefetch_depth)
     for name in ("transition", "learned"):
-        path = policy_options(args, name, 1.0)["predictor"]
-        predictors[name] = load_predictor(path, routing_config_hash(str(args.model)))
-    hot = [
-        tuple(k)
-        for k in json.loads(Path(policy_options(args, "static", 1.0)["static_experts"]).read_text())
-    ]
+        if name in policies:
+            path = policy_options(args, name, 1.0)["predictor"]
+            predictors[name] = load_predictor(path, routing_config_hash(str(args.model)))
     specs = {
         "lru-ondemand": {"mode": "ondemand", "policy": "lru"},
-        "static": {"mode": "static", "policy": "lru", "static_keys": hot},
         "belady": {"mode": "belady"},
     }
+    if "static" in policies:
+        hot_file = Path(policy_options(args, "static", 1.0)["static_experts"])
+        hot = [tuple(k) for k in json.loads(hot_file.read_text())]
+        specs["static"] = {"mode": "static", "policy": "lru", "static_keys": hot}
     for name, predictor in predictors.items():
         specs[name] = {
             "mode": "prefetch",

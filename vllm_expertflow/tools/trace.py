@@ -8,11 +8,13 @@ budget that holds the chunk), so a step's tokens are exactly one request's posit
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from pathlib import Path
 
 from vllm_expertflow.core.checkpoint import routing_config_hash
+from vllm_expertflow.core.model_shape import MoEShape
 from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine
 
 logger = logging.getLogger(__name__)
@@ -29,17 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_metadata(model: Path) -> dict:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(model))  # resolves renamed keys across versions
-    mlp_only = set(getattr(config, "mlp_only_layers", []) or [])
+    """What a trace records about its model; the worker adds the MoE layers' real ids."""
+    config = json.loads((model / "config.json").read_text())
+    shape = MoEShape.of(config)
+    if shape is None:
+        raise SystemExit(f"trace: {model}/config.json names no routed experts")
+    text = config.get("text_config") or config
     return {
         "model": str(model.resolve()),
         "config_hash": routing_config_hash(str(model)),
-        "layers": [i for i in range(config.num_hidden_layers) if i not in mlp_only],
-        "num_experts": config.num_experts,
-        "top_k": config.num_experts_per_tok,
-        "hidden_size": config.hidden_size,
+        "num_experts": shape.num_experts,
+        "top_k": shape.top_k,
+        "hidden_size": text["hidden_size"],
     }
 
 

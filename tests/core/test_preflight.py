@@ -55,7 +55,11 @@ def test_a_cache_smaller_than_top_k_is_refused(model_dir):
         (None, "does not exist"),
         ("[[0, 1], ", "is not valid JSON"),
         ('{"0": 1}', "must hold a list"),
-        ("[[0, 1], [4, 0]]", r"names \[4, 0\], which is not a \[layer, expert\] pair"),
+        ("[[0, 1], [4, 0]]", r"names \[4, 0\], not \[layer, expert\] pairs of this model"),
+        (
+            "[[4, 0], [0, 1], [0, 8], [-1, 2], [9, 9], [5, 5]]",
+            r"names \[4, 0\], \[0, 8\], \[-1, 2\] and 2 more, not",
+        ),
         ("[[0, 8]]", r"names \[0, 8\]"),
         ('[[0, "1"]]', "names"),
     ],

@@ -47,3 +47,30 @@ def test_llm_refuses_in_the_callers_process_and_starts_no_engine(options, messag
         LLM(str(DEMO_MODEL), moe_backend="expertflow", additional_config={"expertflow": options})
     started = {child.pid for child in psutil.Process().children(recursive=True)} - before
     assert not started, f"processes left behind: {started}"
+
+
+def test_a_model_without_routed_experts_is_refused_where_the_config_is_built(tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_expertflow.tools.engine_runs import DEMO_MODEL
+
+    dense = AutoConfig.for_model(
+        "qwen3",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=4096,
+    )
+    AutoModelForCausalLM.from_config(dense, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((DEMO_MODEL / name).read_bytes())
+    register()
+    args = EngineArgs(model=str(tmp_path), moe_backend="expertflow")
+    with pytest.raises(ValueError, match="has no routed experts .* nothing to offload"):
+        args.create_engine_config()
+    EngineArgs(model=str(tmp_path)).create_engine_config()  # stock backends are untouched

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-_NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_topk", "moe_k")
 
 
@@ -23,7 +23,7 @@ class MoEShape:
         text = read("text_config", None)
         if text is not None:
             return cls.of(text)
-        num_experts = _first(read, _NUM_EXPERTS_KEYS)
+        num_experts = _first(read, NUM_EXPERTS_KEYS)
         top_k = _first(read, _TOP_K_KEYS)
         layers = read("num_hidden_layers", None)
         if not (num_experts and top_k and layers):

@@ -57,18 +57,24 @@ def _check_static_experts(path: str, shape: MoEShape) -> None:
         raise ExpertFlowConfigError(
             f"expertflow: static_experts file {path} must hold a list of [layer, expert] pairs"
         )
-    for pair in pairs:
-        valid = (
-            isinstance(pair, list)
-            and len(pair) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    bad = [pair for pair in pairs if not _is_pair_of(pair, shape)]
+    if bad:
+        shown = ", ".join(json.dumps(pair) for pair in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ExpertFlowConfigError(
+            f"expertflow: static_experts file {path} names {shown}{more}, not [layer, expert] "
+            f"pairs of this model ({shape.num_layers} layers, {shape.num_experts} experts)"
         )
-        if not valid or not (0 <= pair[0] < shape.num_layers and 0 <= pair[1] < shape.num_experts):
-            raise ExpertFlowConfigError(
-                f"expertflow: static_experts file {path} names {pair!r}, which is not a "
-                f"[layer, expert] pair of this model ({shape.num_layers} layers, "
-                f"{shape.num_experts} experts)"
-            )
+
+
+def _is_pair_of(pair: object, shape: MoEShape) -> bool:
+    return (
+        isinstance(pair, list)
+        and len(pair) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+        and 0 <= pair[0] < shape.num_layers
+        and 0 <= pair[1] < shape.num_experts
+    )
 
 
 def _check_predictor(path: str, model_config_hash: str | None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_expertflow.core.config import ExpertFlowConfig, ExpertFlowConfigError
-from vllm_expertflow.core.model_shape import MoEShape
+from vllm_expertflow.core.model_shape import NUM_EXPERTS_KEYS, MoEShape
 from vllm_expertflow.core.preflight import preflight
 
 # Model families whose routed experts carry biases (vLLM's `has_bias`).
@@ -34,6 +34,13 @@ def check(vllm_config: Any) -> ExpertFlowConfig:
     config.resolved_step(vllm_config.device_config.device_type, quantized, biased)
     if model is None:
         return config
+    shape = MoEShape.of(model.hf_config)
+    if shape is None:
+        raise ExpertFlowConfigError(
+            f"expertflow: {model.model} has no routed experts (its config sets none of "
+            f"{', '.join(NUM_EXPERTS_KEYS)}), so there is nothing to offload; drop "
+            "--moe-backend expertflow for this model"
+        )
     if quantized and biased:
         raise ExpertFlowConfigError(
             f"expertflow: {model.model} has quantized experts with biases, which the int4 "
@@ -41,7 +48,7 @@ def check(vllm_config: Any) -> ExpertFlowConfig:
         )
     if quantized:
         check_checkpoint(model.quantization, getattr(model.hf_config, "quantization_config", None))
-    preflight(config, model.model, MoEShape.of(model.hf_config))
+    preflight(config, model.model, shape)
     return config
 
 

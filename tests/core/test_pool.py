@@ -1,5 +1,6 @@
 import threading
 
+import pytest
 import torch
 
 from vllm_expertflow.core.policy import LRUPolicy
@@ -221,3 +222,16 @@ def test_fill_loads_experts_that_stay_evictable():
     slots = pool.ensure_resident(0, [1, 5, 6])  # (0, 1) hits, one filled expert gives way
     assert pool.stats.layer(0).hits == 1
     pool.release(slots)
+
+
+def test_a_failed_background_load_is_raised_not_computed_on():
+    pool, _ = make_pool(4)
+
+    def failing_read(layer, expert):
+        raise OSError(f"expert {expert} of layer {layer} is unreadable")
+
+    pool.store.read_expert = failing_read
+    assert pool.prefetch(1, 3)
+    pool._io.submit(lambda: None).result()  # the one I/O thread has run the prefetch
+    with pytest.raises(OSError, match="expert 3 of layer 1 is unreadable"):
+        pool.ensure_resident(0, [0])

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from vllm_expertflow.core.disk_store import MANIFEST, DiskStore
+from vllm_expertflow.core.disk_store import MANIFEST, DiskStore, StoreCorruptedError
 from vllm_expertflow.core.store import RamStore
 
 NUM_EXPERTS = 5
@@ -83,6 +83,35 @@ def test_corrupt_layer_file_is_detected_and_rebuilt(tmp_path):
     assert_round_trip_bit_exact(store)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert set(manifest["layers"]) == {"0", "1"}
+
+
+def test_a_record_damaged_after_start_up_is_never_returned(tmp_path, caplog):
+    store = DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
+    write_store(store)
+    with open(tmp_path / "layer_1.bin", "r+b") as f:  # in place, under the open store
+        f.seek(3 * store.record_stride + 128)
+        f.write(b"\x00" * 128)
+    with pytest.raises(StoreCorruptedError, match="expert 3 of layer 1 .* does not match its"):
+        store.read_expert(1, 3)
+    assert "expert 3 of layer 1" in caplog.text
+    assert_round_trip_bit_exact(store, layers=(0,))  # the other records still read
+    assert not DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS).has_layer(1)  # next start
+
+
+def test_a_read_that_fails_its_checksum_once_is_read_again(tmp_path, monkeypatch):
+    store = DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
+    write_store(store)
+    read_record, reads = store._read_record, []
+
+    def flaky(layer, expert, buffer):  # the first read of each record returns garbage
+        read_record(layer, expert, buffer)
+        reads.append((layer, expert))
+        if reads.count((layer, expert)) == 1:
+            buffer[:8] = b"\xff" * 8
+
+    monkeypatch.setattr(store, "_read_record", flaky)
+    assert_round_trip_bit_exact(store)
+    assert len(reads) == 2 * 2 * NUM_EXPERTS
 
 
 def test_unfinished_write_leaves_no_usable_store(tmp_path):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 from conftest import MAX_NUM_BATCHED_TOKENS
+from vllm.v1.engine.exceptions import EngineDeadError
 
 import vllm_expertflow
 from vllm_expertflow.tools.engine_runs import DEMO_PREDICTORS, greedy_params, open_engine
@@ -97,3 +98,24 @@ def test_disk_store_is_written_once_and_reused(disk_store_dir, prompts, stock_ru
         outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outputs] == stock_run.token_ids
     assert layer_files(disk_store_dir) == files
+
+
+def test_a_store_damaged_under_a_running_engine_fails_the_request_with_the_reason(
+    tmp_path, prompts, stock_run, capfd
+):
+    """Never tokens computed on bad bytes: stock's tokens, or an error naming the damage."""
+    options = {"cache_experts": 4, "store": "disk", "store_dir": str(tmp_path)}
+    with open_engine("expertflow", options, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS) as llm:
+        outputs = llm.generate(prompts[:2], greedy_params(8), use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outputs] == [
+            ids[:8] for ids in stock_run.token_ids[:2]
+        ]
+        for path in layer_files(tmp_path):  # 128 B of every 4 KiB page, in place
+            with open(path, "r+b") as f:
+                for offset in range(0, os.path.getsize(path), 4096):
+                    f.seek(offset)
+                    f.write(b"\x00" * 128)
+        # vLLM 0.32 ends the engine core on any error in a forward; the reason is in its log.
+        with pytest.raises(EngineDeadError):
+            llm.generate(prompts[:2], greedy_params(8), use_tqdm=False)
+    assert "does not match its checksum" in capfd.readouterr().err

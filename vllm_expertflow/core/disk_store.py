@@ -3,14 +3,14 @@
 Reads bypass the page cache (O_DIRECT, or fadvise(DONTNEED) where the filesystem refuses
 O_DIRECT) so that a miss costs a real disk read, as it would for a model larger than RAM.
 Layer files and the manifest are written under temporary names and renamed into place; the
-manifest records the model's fingerprint, the layout and a checksum per file. A layer whose
-manifest entry does not match the model, or whose file does not match its checksum, is
-rewritten from the checkpoint and never silently used.
+manifest records the model's fingerprint, the layout and a checksum per expert record (xxh3:
+1.1 ms per 18 MiB record on this machine, 7% of its 15 ms read). Every record is checked at
+start-up and on every read: a layer that fails at start-up is rewritten from the checkpoint; a
+record that fails twice while serving raises `StoreCorruptedError` and is never computed on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -20,6 +20,7 @@ import shutil
 import threading
 
 import torch
+import xxhash
 
 from .config import ExpertFlowConfigError
 from .files import write_text_atomically
@@ -27,12 +28,15 @@ from .store import ExpertLayout, ExpertStore
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: the layout names each tensor of a record
+FORMAT_VERSION = 3  # 2: the layout names each tensor of a record; 3: a checksum per record
 MANIFEST = "manifest.json"
 ALIGNMENT = 4096  # O_DIRECT wants offsets, sizes and buffers aligned to the block size
-_HASH_CHUNK = 1 << 22
 # Temporary files of a write in progress (`atomic_path`'s and `_write_layer`'s), with the pid.
 _TEMPORARY = re.compile(r"^\.?(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+class StoreCorruptedError(RuntimeError):
+    """An expert record read from disk does not match the checksum it was written with."""
 
 
 class DiskStore(ExpertStore):
@@ -41,7 +45,7 @@ class DiskStore(ExpertStore):
         self.directory = directory
         self.fingerprint = fingerprint
         self.bypass = "none"
-        self._layer_digests: dict[str, str] = {}
+        self._checksums: dict[str, list[int]] = {}  # layer -> one per expert record
         self._fds: dict[int, int] = {}
         self._pending: dict[int, str] = {}  # layer -> temp file, renamed by finish_writing
         self._buffers = threading.local()  # one page-aligned read buffer per I/O thread
@@ -116,24 +120,28 @@ class DiskStore(ExpertStore):
             )
             self.layout = None
             return
-        self._layer_digests = {
-            layer: digest for layer, digest in manifest["layers"].items() if isinstance(digest, str)
+        self._checksums = {
+            layer: checksums
+            for layer, checksums in manifest["layers"].items()
+            if isinstance(checksums, list)
+            and len(checksums) == self.num_experts
+            and all(isinstance(c, int) for c in checksums)
         }
 
     def has_layer(self, layer: int) -> bool:
-        """A layer listed in the manifest counts only after its file passes the checksum."""
+        """A layer listed in the manifest counts only after every record passes its checksum."""
         if layer in self._fds or layer in self._pending:
             return True
-        digest = self._layer_digests.get(str(layer))
-        if digest is None:
+        checksums = self._checksums.get(str(layer))
+        if checksums is None:
             return False
         path = self._path(self._layer_file(layer))
         size_ok = (
             os.path.exists(path) and os.path.getsize(path) == self.num_experts * self.record_stride
         )
-        if not size_ok or _file_digest(path) != digest:
+        if not size_ok or _record_checksums(path, self.record_stride) != checksums:
             logger.warning("expertflow: %s is corrupt or truncated; rebuilding it", path)
-            del self._layer_digests[str(layer)]
+            del self._checksums[str(layer)]
             return False
         self._open_for_reading(layer)
         return True
@@ -147,7 +155,7 @@ class DiskStore(ExpertStore):
                 f"{self.directory} but {free} bytes are free; free space or set store_dir to a "
                 "larger disk"
             )
-        digest = hashlib.blake2b()
+        checksums = []
         tmp = self._path(f"{self._layer_file(layer)}.{os.getpid()}.tmp")
         padding = bytes(self.record_stride - self.layout.nbytes)
         with open(tmp, "wb") as f:
@@ -160,11 +168,11 @@ class DiskStore(ExpertStore):
                     + padding
                 )
                 f.write(record)
-                digest.update(record)
+                checksums.append(xxhash.xxh3_64_intdigest(record))
             f.flush()
             os.fsync(f.fileno())
         self._pending[layer] = tmp
-        self._layer_digests[str(layer)] = digest.hexdigest()
+        self._checksums[str(layer)] = checksums
 
     def finish_writing(self) -> None:
         if not self._pending:
@@ -177,7 +185,7 @@ class DiskStore(ExpertStore):
             "layout": self.layout.as_json(),
             "record_stride": self.record_stride,
             "num_experts": self.num_experts,
-            "layers": self._layer_digests,
+            "layers": self._checksums,
         }
         write_text_atomically(self._path(MANIFEST), json.dumps(manifest, indent=1), durable=True)
         for layer in list(self._pending):
@@ -199,6 +207,22 @@ class DiskStore(ExpertStore):
         buffer = getattr(self._buffers, "buffer", None)
         if buffer is None:
             buffer = self._buffers.buffer = mmap.mmap(-1, self.record_stride)  # page-aligned
+        expected = self._checksums[str(layer)][expert]
+        self._read_record(layer, expert, buffer)
+        if xxhash.xxh3_64_intdigest(buffer) != expected:
+            self._read_record(layer, expert, buffer)  # a transient fault reads right again
+            if xxhash.xxh3_64_intdigest(buffer) != expected:
+                message = (
+                    f"expertflow: expert {expert} of layer {layer} in "
+                    f"{self._path(self._layer_file(layer))} does not match its checksum (the "
+                    "store changed on disk after start-up); it was not used. Restart the "
+                    "engine: start-up checks every record and rewrites damaged layers"
+                )
+                logger.error(message)
+                raise StoreCorruptedError(message)
+        return self.layout.split(torch.frombuffer(buffer, dtype=torch.uint8))
+
+    def _read_record(self, layer: int, expert: int, buffer: mmap.mmap) -> None:
         fd = self._fds[layer]
         offset = expert * self.record_stride
         read = os.preadv(fd, [buffer], offset)
@@ -206,7 +230,6 @@ class DiskStore(ExpertStore):
             raise OSError(f"short read of expert {expert} in layer {layer}: {read} bytes")
         if self.bypass == "fadvise":
             os.posix_fadvise(fd, offset, self.record_stride, os.POSIX_FADV_DONTNEED)
-        return self.layout.split(torch.frombuffer(buffer, dtype=torch.uint8))
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -214,13 +237,11 @@ class DiskStore(ExpertStore):
         self._fds.clear()
 
 
-def _file_digest(path: str) -> str:
-    digest = hashlib.blake2b()
+def _record_checksums(path: str, record_stride: int) -> list[int]:
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
+        checksums = [xxhash.xxh3_64_intdigest(r) for r in iter(lambda: f.read(record_stride), b"")]
         _drop_cached_pages(f.fileno())
-    return digest.hexdigest()
+    return checksums
 
 
 def store_folder_prefix(model: str) -> str:

@@ -42,6 +42,9 @@ class _CudaLoad:
     def wait(self) -> None:
         torch.cuda.current_stream().wait_event(self.event)
 
+    def raise_if_failed(self) -> None:
+        """Copies on a stream do not fail later: the host read raised when it was queued."""
+
 
 class _ThreadLoad:
     def __init__(self, future: Future) -> None:
@@ -51,6 +54,9 @@ class _ThreadLoad:
         return self.future.done()
 
     def wait(self) -> None:
+        self.future.result()
+
+    def raise_if_failed(self) -> None:
         self.future.result()
 
 
@@ -268,8 +274,11 @@ class ExpertPool:
 
     def _reap_finished_loads(self) -> None:
         for slot in [s for s, load in self._loading.items() if load.done()]:
-            del self._loading[slot]
+            load = self._loading.pop(slot)
             self.table.unpin(slot)
+            # A failed load (e.g. a record that fails its checksum) leaves the slot unfilled
+            # while the page table names it: raise rather than ever compute on it.
+            load.raise_if_failed()
 
     def _load_now(self, loads: list[tuple[int, int, int]]) -> None:
         """(layer, expert, slot) loads the caller waits for, as many at once as the store

@@ -37,6 +37,10 @@ SUBCOMMANDS = {
         "vllm_expertflow.tools.serve_ray",
         "serve N ExpertFlow engine replicas behind one endpoint with Ray Serve",
     ),
+    "store": (
+        "vllm_expertflow.tools.store",
+        "list the disk stores of a store_dir, or remove unused ones (gc)",
+    ),
     "load-test": (
         "vllm_expertflow.tools.load_test",
         "bounded concurrent load against an OpenAI-compatible server",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -23,12 +24,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from vllm_expertflow.core.files import write_text_atomically
+from vllm_expertflow.core.files import process_is_alive, write_text_atomically
+from vllm_expertflow.core.stats import LayerStats
+
+logger = logging.getLogger(__name__)
 
 METRICS_DIR_ENV = "VLLM_EXPERTFLOW_METRICS_DIR"
 METRICS_OWNER_ENV = "VLLM_EXPERTFLOW_METRICS_OWNER"
 SNAPSHOT_INTERVAL_SECONDS = 1.0
 COUNTERS = {
+    "lookups": "expert lookups by the MoE step (hits + misses)",
     "hits": "expert lookups that found the expert resident",
     "misses": "expert lookups that had to load the expert",
     "prefetches_issued": "experts loaded ahead of use by the prefetcher",
@@ -57,7 +62,9 @@ def setup_metrics_channel() -> None:
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
     from prometheus_client import REGISTRY
 
-    REGISTRY.register(SnapshotCollector(directory))
+    collector = SnapshotCollector(directory)
+    REGISTRY.register(collector)
+    atexit.register(collector.log_unlogged_stats)  # before the directory is removed (LIFO)
     _registered_in_this_process = True
 
 
@@ -75,16 +82,31 @@ class SnapshotWriter:
         self._last_write = now
         self.write(snapshot_fn())
 
-    def write(self, snapshot: dict) -> None:
+    def write(self, snapshot: dict, final: bool = False) -> None:
+        """`final`: the worker is exiting and has logged its stats itself."""
         if self.directory is None or not os.path.isdir(self.directory):
             return
         path = os.path.join(self.directory, f"{os.getpid()}.json")
-        write_text_atomically(path, json.dumps(snapshot))
+        write_text_atomically(path, json.dumps({**snapshot, "pid": os.getpid(), "final": final}))
 
 
 class SnapshotCollector:
     def __init__(self, directory: str) -> None:
         self.directory = directory
+
+    def log_unlogged_stats(self) -> None:
+        """At the top process's exit: the stats of workers stopped before they could log them
+        (on Ctrl-C, `vllm serve` force-kills its engine core and workers), as of their last
+        snapshot (at most a second old)."""
+        for snapshot in self._snapshots():
+            # A live worker logs its own stats when it exits, after this process's exit hooks.
+            if not snapshot.get("final") and not process_is_alive(snapshot.get("pid", 0)):
+                total = LayerStats.from_row(snapshot["stats"]["total"])
+                logger.info(
+                    "expertflow stats: %s (worker %s, from its last snapshot)",
+                    total.summary(),
+                    snapshot.get("pid", "?"),
+                )
 
     def _snapshots(self) -> list[dict]:
         snapshots = []

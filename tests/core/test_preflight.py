@@ -10,9 +10,11 @@ from safetensors.torch import save_file
 
 from vllm_expertflow.core.checkpoint import routing_config_hash
 from vllm_expertflow.core.config import ExpertFlowConfig, ExpertFlowConfigError
+from vllm_expertflow.core.disk_store import DiskStore
 from vllm_expertflow.core.model_shape import MoEShape
 from vllm_expertflow.core.predictor import TransitionPredictor, save_predictor
 from vllm_expertflow.core.preflight import expert_bytes, preflight
+from vllm_expertflow.core.store_catalog import store_fingerprint, store_folder
 
 SHAPE = MoEShape(num_layers=4, num_experts=8, top_k=2)
 
@@ -114,10 +116,15 @@ def test_store_dir_must_be_a_writable_folder_with_room(model_dir, tmp_path, monk
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100))
     with pytest.raises(ExpertFlowConfigError, match=r"needs about 256 bytes but .* 100 bytes free"):
         check(model_dir, store="disk", store_dir=str(tmp_path / "stores"))
-    # A store of this model already there is reused or rebuilt in place: no estimate applies.
-    (tmp_path / "stores" / "tiny-moe-0123").mkdir(parents=True)
-    (tmp_path / "stores" / "tiny-moe-0123" / "manifest.json").write_text("{}")
-    check(model_dir, store="disk", store_dir=str(tmp_path / "stores"))
+    # A complete store of these experts already there is reused: no estimate applies.
+    monkeypatch.undo()
+    fingerprint = store_fingerprint(str(model_dir), "a kernel layout", "torch.bfloat16", 2)
+    store_dir = str(tmp_path / "stores")
+    store = DiskStore(store_folder(store_dir, str(model_dir), fingerprint), fingerprint, 2)
+    store.write_layer(0, {"w13": torch.zeros(2, 4, 4)})
+    store.finish_writing()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100))
+    check(model_dir, store="disk", store_dir=store_dir)
 
 
 def test_expert_bytes_counts_routed_experts_only(model_dir):

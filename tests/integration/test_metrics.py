@@ -1,5 +1,10 @@
 """The snapshot channel behind `expertflow_*` metrics (no engine needed)."""
 
+import json
+import logging
+import os
+import subprocess
+
 from prometheus_client import CollectorRegistry, generate_latest
 
 from vllm_expertflow.core.stats import OffloadStats
@@ -21,4 +26,28 @@ def test_collector_sums_worker_snapshots_per_layer(tmp_path, monkeypatch):
     assert 'expertflow_hits_total{layer="0"} 7.0' in text
     assert 'expertflow_hits_total{layer="all"} 9.0' in text
     assert 'expertflow_misses_total{layer="all"} 2.0' in text
+    assert 'expertflow_lookups_total{layer="all"} 11.0' in text
     assert "expertflow_slots 16.0" in text
+
+
+def test_only_workers_gone_without_logging_their_stats_are_logged_at_exit(tmp_path, caplog):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process
+    writer = SnapshotWriter()
+    writer.directory = str(tmp_path)
+    # (pid, final): logged its own stats; stopped before it could; alive, will log its own.
+    for pid, final in ((gone.pid, True), (gone.pid, False), (os.getpid(), False)):
+        stats = OffloadStats()
+        stats.record_lookups(0, 200 + final, 1)
+        snapshot = {"stats": stats.as_dict(), "resident_slots": 1, "slots": 2}
+        writer.write(snapshot, final=final)
+        written = json.loads((tmp_path / f"{os.getpid()}.json").read_text())
+        (tmp_path / f"{pid}-{final}.json").write_text(json.dumps({**written, "pid": pid}))
+    (tmp_path / f"{os.getpid()}.json").unlink()
+    caplog.set_level(logging.INFO, logger="vllm_expertflow.metrics")
+    SnapshotCollector(str(tmp_path)).log_unlogged_stats()
+    assert [r.getMessage() for r in caplog.records] == [
+        "expertflow stats: lookups=201 hits=200 misses=1 hit_rate=0.995 loaded=0.0 MiB "
+        "load_seconds=0.000 stall_seconds=0.000 prefetches issued/used/wasted=0/0/0 "
+        f"(worker {gone.pid}, from its last snapshot)"
+    ]

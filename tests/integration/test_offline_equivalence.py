@@ -3,13 +3,19 @@ store, eviction policy and predictor. One engine per store; `reconfigure` swaps 
 
 import math
 import os
+import shutil
 
 import pytest
 from conftest import MAX_NUM_BATCHED_TOKENS
-from vllm.v1.engine.exceptions import EngineDeadError
 
 import vllm_expertflow
-from vllm_expertflow.tools.engine_runs import DEMO_PREDICTORS, greedy_params, open_engine
+from vllm_expertflow.core.store_catalog import list_stores
+from vllm_expertflow.tools.engine_runs import (
+    DEMO_MODEL,
+    DEMO_PREDICTORS,
+    greedy_params,
+    open_engine,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -86,24 +92,36 @@ def test_greedy_tokens_match_stock(
         assert total["prefetches_used"] > 0
 
 
-def test_disk_store_is_written_once_and_reused(disk_store_dir, prompts, stock_run, demo_config):
-    """A later engine on the same store_dir reads the verified files without rewriting them."""
+def test_disk_store_is_written_once_and_reused(
+    disk_store_dir, prompts, stock_run, demo_config, tmp_path
+):
+    """A later engine on the same store_dir reads the verified files without rewriting them,
+    also from a copy of the checkpoint elsewhere with new file times (a re-download)."""
     options = {"cache_fraction": 0.25, "store": "disk", "store_dir": str(disk_store_dir)}
     if not layer_files(disk_store_dir):  # run alone: the disk engine above has not written it
         with open_engine("expertflow", options, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS):
             pass
     files = layer_files(disk_store_dir)
     assert len(files) == demo_config["num_hidden_layers"], "one file per MoE layer"
-    with open_engine("expertflow", options, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS) as llm:
+    copy = shutil.copytree(DEMO_MODEL, tmp_path / "downloaded-again")
+    with open_engine(
+        "expertflow", options, copy, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS
+    ) as llm:
         outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outputs] == stock_run.token_ids
     assert layer_files(disk_store_dir) == files
+    [store] = list_stores(str(disk_store_dir))
+    assert store.model == str(copy)  # the manifest names the checkpoint last served from it
 
 
 def test_a_store_damaged_under_a_running_engine_fails_the_request_with_the_reason(
     tmp_path, prompts, stock_run, capfd
 ):
     """Never tokens computed on bad bytes: stock's tokens, or an error naming the damage."""
+    # Imported here: importing vLLM while tests are collected would come before
+    # tests/kernels/conftest.py puts Triton in its interpreter.
+    from vllm.v1.engine.exceptions import EngineDeadError
+
     options = {"cache_experts": 4, "store": "disk", "store_dir": str(tmp_path)}
     with open_engine("expertflow", options, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS) as llm:
         outputs = llm.generate(prompts[:2], greedy_params(8), use_tqdm=False)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ STARTUP_SECONDS = 300
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def served(tmp_path_factory):
+    """The `vllm serve` process and its URL; the module's last test stops it with Ctrl-C."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     options = {
@@ -54,9 +56,30 @@ def server(tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     try:
         engine.wait_until_up(base, STARTUP_SECONDS)
-        yield base
+        yield engine, base
     finally:
         engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[1]
+
+
+def expertflow_metrics(base: str) -> dict[str, float]:
+    text = requests.get(f"{base}/metrics", timeout=30).text
+    assert "vllm:num_requests_running" in text, "vLLM's own metrics are untouched"
+    return {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("expertflow_")
+    }
+
+
+def test_metrics_show_the_pool_before_any_request(server):
+    values = expertflow_metrics(server)
+    assert values["expertflow_slots"] == 48  # 0.25 of 6 layers x 32 experts
+    assert values['expertflow_lookups_total{layer="all"}'] == 0
 
 
 def test_completions_over_http_match_stock(server, prompts, stock_run):
@@ -79,14 +102,17 @@ def test_metrics_report_the_expert_cache(server, prompts, stock_run):
     body = {"model": str(DEMO_MODEL), "prompt": prompts[:2], "max_tokens": 8, "temperature": 0.0}
     assert requests.post(f"{server}/v1/completions", json=body, timeout=300).status_code == 200
     time.sleep(1.5)  # workers write a snapshot at most once a second
-    text = requests.get(f"{server}/metrics", timeout=30).text
-    values = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines()
-        if line.startswith("expertflow_")
-    }
-    assert values['expertflow_hits_total{layer="all"}'] > 0
-    assert values['expertflow_misses_total{layer="all"}'] > 0
+    values = expertflow_metrics(server)
+    hits, misses = (values[f'expertflow_{n}_total{{layer="all"}}'] for n in ("hits", "misses"))
+    assert hits > 0 and misses > 0
+    assert values['expertflow_lookups_total{layer="all"}'] == hits + misses
     assert values['expertflow_bytes_loaded_total{layer="all"}'] > 0
-    assert values["expertflow_slots"] == 48  # 0.25 of 6 layers x 32 experts
-    assert "vllm:num_requests_running" in text, "vLLM's own metrics are untouched"
+    assert values["expertflow_slots"] == 48
+
+
+def test_ctrl_c_logs_the_stats(served):
+    """Last in this module: it stops the server as a user at the terminal would."""
+    engine, _ = served
+    engine.process.send_signal(signal.SIGINT)
+    engine.process.wait(timeout=120)
+    assert "expertflow stats: lookups=" in Path(engine.log_path).read_text()

@@ -62,10 +62,27 @@ def tensor_bytes(model_dir: str) -> dict[str, int]:
     files' headers (no tensor data is read)."""
     sizes = {}
     for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                start, end = entry["data_offsets"]
-                sizes[name] = end - start
+        for name, entry in safetensors_header(path)[0].items():
+            start, end = entry["data_offsets"]
+            sizes[name] = end - start
     return sizes
+
+
+def safetensors_header(path: str) -> tuple[dict[str, dict], int]:
+    """A safetensors file's tensors (`dtype`, `shape`, `data_offsets` each) and where its data
+    starts: offsets count from there."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+# Routed experts' tensors, whatever the family calls them: `...experts.N.w1` (Mixtral),
+# `...experts.gate_up_proj` (Llama-4, gpt-oss), `block_sparse_moe.input_linear` (Granite-MoE).
+# Not shared experts (`shared_expert.`, `shared_experts.`).
+_EXPERT_TENSOR = re.compile(r"\.experts\.|\.block_sparse_moe\.(?:input|output)_linear\.")
+
+
+def is_expert_tensor(name: str) -> bool:
+    return _EXPERT_TENSOR.search(name) is not None

@@ -23,7 +23,7 @@ import torch
 import xxhash
 
 from .config import ExpertFlowConfigError
-from .files import write_text_atomically
+from .files import process_is_alive, write_text_atomically
 from .store import ExpertLayout, ExpertStore
 
 logger = logging.getLogger(__name__)
@@ -40,12 +40,18 @@ class StoreCorruptedError(RuntimeError):
 
 
 class DiskStore(ExpertStore):
-    def __init__(self, directory: str, fingerprint: dict, num_experts: int) -> None:
+    def __init__(
+        self, directory: str, fingerprint: dict, num_experts: int, model: str = ""
+    ) -> None:
+        """`fingerprint`: what the stored bytes depend on (`store_catalog`); `model`: the
+        checkpoint it is written from, recorded for `vllm-expertflow store list`."""
         super().__init__(num_experts)
         self.directory = directory
         self.fingerprint = fingerprint
+        self.model = model
         self.bypass = "none"
         self._checksums: dict[str, list[int]] = {}  # layer -> one per expert record
+        self._manifest_model: str | None = None
         self._fds: dict[int, int] = {}
         self._pending: dict[int, str] = {}  # layer -> temp file, renamed by finish_writing
         self._buffers = threading.local()  # one page-aligned read buffer per I/O thread
@@ -58,7 +64,7 @@ class DiskStore(ExpertStore):
 
     @staticmethod
     def _layer_file(layer: int) -> str:
-        return f"layer_{layer}.bin"
+        return layer_file_name(layer)
 
     @property
     def record_stride(self) -> int:
@@ -72,7 +78,7 @@ class DiskStore(ExpertStore):
         """
         for name in os.listdir(self.directory):
             match = _TEMPORARY.match(name)
-            if match and not _process_is_alive(int(match["pid"])):
+            if match and not process_is_alive(int(match["pid"])):
                 path = self._path(name)
                 size = os.path.getsize(path) if os.path.isfile(path) else 0
                 logger.warning(
@@ -120,6 +126,7 @@ class DiskStore(ExpertStore):
             )
             self.layout = None
             return
+        self._manifest_model = manifest.get("model")
         self._checksums = {
             layer: checksums
             for layer, checksums in manifest["layers"].items()
@@ -175,19 +182,23 @@ class DiskStore(ExpertStore):
         self._checksums[str(layer)] = checksums
 
     def finish_writing(self) -> None:
-        if not self._pending:
+        """Renames the written layers into place and writes the manifest, which also records
+        the checkpoint this start used (a store found again by content may have moved)."""
+        if not self._pending and self._manifest_model == self.model:
             return
         for layer, tmp in self._pending.items():
             os.replace(tmp, self._path(self._layer_file(layer)))
         manifest = {
             "format": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
+            "model": self.model,
             "layout": self.layout.as_json(),
             "record_stride": self.record_stride,
             "num_experts": self.num_experts,
             "layers": self._checksums,
         }
         write_text_atomically(self._path(MANIFEST), json.dumps(manifest, indent=1), durable=True)
+        self._manifest_model = self.model
         for layer in list(self._pending):
             del self._pending[layer]
             self._open_for_reading(layer)
@@ -244,19 +255,8 @@ def _record_checksums(path: str, record_stride: int) -> list[int]:
     return checksums
 
 
-def store_folder_prefix(model: str) -> str:
-    """How the folders of a model's stores start: `<model folder name>-` then a content key."""
-    return f"{os.path.basename(os.path.normpath(model)) or 'model'}-"
-
-
-def _process_is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, another user's
-    return True
+def layer_file_name(layer: int) -> str:
+    return f"layer_{layer}.bin"
 
 
 def _drop_cached_pages(fd: int) -> None:

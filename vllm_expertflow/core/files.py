@@ -34,3 +34,30 @@ def write_text_atomically(path: str | os.PathLike, text: str, durable: bool = Fa
         if durable:
             f.flush()
             os.fsync(f.fileno())
+
+
+_PF_EXITING = 0x4  # Linux task flag: the process is being torn down
+_SIGKILL_BIT = 1 << (9 - 1)  # SIGKILL in /proc's pending-signal masks
+
+
+def process_is_alive(pid: int) -> bool:
+    """True while `pid` runs; a process with a SIGKILL pending, one being torn down, and one
+    waiting to be reaped (a zombie) no longer run."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/status") as f:
+            pending = [
+                int(line.split()[1], 16) for line in f if line.startswith(("SigPnd:", "ShdPnd:"))
+            ]
+    except OSError:
+        return True  # no /proc: kill's answer stands
+    state, flags = fields[0], int(fields[6])
+    dying = flags & _PF_EXITING or any(mask & _SIGKILL_BIT for mask in pending)
+    return state not in ("Z", "X") and not dying

@@ -7,15 +7,14 @@ failure raises `ExpertFlowConfigError` with one line naming the problem and the 
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 
-from .checkpoint import routing_config_hash, tensor_bytes
+from .checkpoint import is_expert_tensor, routing_config_hash, tensor_bytes
 from .config import ExpertFlowConfig, ExpertFlowConfigError
-from .disk_store import store_folder_prefix
 from .model_shape import MoEShape
+from .store_catalog import checkpoint_expert_digest, list_stores
 
 
 def preflight(config: ExpertFlowConfig, model_dir: str, shape: MoEShape | None) -> None:
@@ -110,7 +109,7 @@ def _check_store_dir(store_dir: str, model_dir: str | None) -> None:
             "this user can write"
         )
     if model_dir is None or _has_a_store_of(store_dir, model_dir):
-        return  # a store of this model is there: it is reused or rebuilt in place
+        return
     needed = expert_bytes(model_dir)
     free = shutil.disk_usage(existing).free
     if needed > free:
@@ -122,10 +121,14 @@ def _check_store_dir(store_dir: str, model_dir: str | None) -> None:
 
 
 def _has_a_store_of(store_dir: str, model_dir: str) -> bool:
-    prefix = glob.escape(store_folder_prefix(model_dir))
-    return bool(glob.glob(os.path.join(store_dir, f"{prefix}*", "manifest.json")))
+    """A complete store of these experts (in any kernel layout) is there: it is reused."""
+    experts = checkpoint_expert_digest(model_dir)
+    return any(
+        store.complete and (store.fingerprint or {}).get("experts") == experts
+        for store in list_stores(store_dir)
+    )
 
 
 def expert_bytes(model_dir: str) -> int:
     """Bytes of the checkpoint's routed-expert tensors, read from the safetensors headers."""
-    return sum(size for name, size in tensor_bytes(model_dir).items() if ".experts." in name)
+    return sum(size for name, size in tensor_bytes(model_dir).items() if is_expert_tensor(name))

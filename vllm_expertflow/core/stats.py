@@ -30,6 +30,20 @@ class LayerStats:
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
 
+    @classmethod
+    def from_row(cls, row: dict) -> LayerStats:
+        """From a row of `OffloadStats.as_dict` (derived keys are ignored)."""
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+    def summary(self) -> str:
+        return (
+            f"lookups={self.lookups} hits={self.hits} misses={self.misses} "
+            f"hit_rate={self.hit_rate:.3f} loaded={self.bytes_loaded / 2**20:.1f} MiB "
+            f"load_seconds={self.load_seconds:.3f} stall_seconds={self.stall_seconds:.3f} "
+            f"prefetches issued/used/wasted={self.prefetches_issued}/{self.prefetches_used}/"
+            f"{self.prefetches_wasted}"
+        )
+
 
 @dataclass
 class OffloadStats:
@@ -83,11 +97,4 @@ class OffloadStats:
         }
 
     def summary(self) -> str:
-        total = self.total()
-        return (
-            f"lookups={total.lookups} hits={total.hits} misses={total.misses} "
-            f"hit_rate={total.hit_rate:.3f} loaded={total.bytes_loaded / 2**20:.1f} MiB "
-            f"load_seconds={total.load_seconds:.3f} stall_seconds={total.stall_seconds:.3f} "
-            f"prefetches issued/used/wasted={total.prefetches_issued}/{total.prefetches_used}/"
-            f"{total.prefetches_wasted}"
-        )
+        return self.total().summary()

@@ -14,9 +14,6 @@ import atexit
 import contextlib
 import contextvars
 import functools
-import glob
-import hashlib
-import json
 import logging
 import os
 import re
@@ -26,10 +23,11 @@ from typing import Any
 import torch
 
 from vllm_expertflow.core.config import ExpertFlowConfig
-from vllm_expertflow.core.disk_store import DiskStore, store_folder_prefix
+from vllm_expertflow.core.disk_store import DiskStore
 from vllm_expertflow.core.engine import OffloadEngine
 from vllm_expertflow.core.previous_tokens import RequestSpans
 from vllm_expertflow.core.store import ExpertStore, RamStore
+from vllm_expertflow.core.store_catalog import list_stores, store_fingerprint, store_folder
 from vllm_expertflow.metrics import SnapshotWriter
 
 logger = logging.getLogger(__name__)
@@ -48,9 +46,8 @@ class OffloadedModel:
         self.metrics.maybe_write(self.engine.snapshot)
 
     def shutdown(self) -> None:
-        if self.engine.stats.layers:
-            logger.info("expertflow stats: %s", self.engine.stats.summary())
-            self.metrics.write(self.engine.snapshot())
+        logger.info("expertflow stats: %s", self.engine.stats.summary())
+        self.metrics.write(self.engine.snapshot(), final=True)
 
 
 _loading: contextvars.ContextVar[OffloadedModel | None] = contextvars.ContextVar(
@@ -104,6 +101,7 @@ def finish_loading(model: OffloadedModel, module: torch.nn.Module) -> None:
 
         paged_kernel = (fused_moe_uva, MAX_TOKENS)
     engine.build(paged_kernel, shared_expert_bytes(module))
+    model.metrics.write(engine.snapshot())  # `/metrics` shows the pool before any request
     atexit.register(model.shutdown)
 
 
@@ -180,27 +178,20 @@ def _make_store(
 ) -> ExpertStore:
     if config.store == "ram":
         return RamStore(num_experts, pin_memory=device.type == "cuda")
-    fingerprint = _fingerprint(model_config, num_experts, store_format)
-    digest = hashlib.blake2b(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    directory = os.path.join(
-        config.resolved_store_dir, f"{store_folder_prefix(model_config.model)}{digest[:16]}"
-    )
-    return DiskStore(directory, fingerprint, num_experts)
-
-
-def _fingerprint(model_config: Any, num_experts: int, store_format: str) -> dict:
-    """What the stored bytes depend on: the checkpoint files, dtype and kernel layout."""
-    import vllm
-
     model = model_config.model
-    files = sorted(glob.glob(os.path.join(model, "*.safetensors")))
-    return {
-        "model": os.path.abspath(model) if os.path.isdir(model) else model,
-        "checkpoint": [
-            [os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files
-        ],
-        "dtype": str(model_config.dtype),
-        "num_experts": num_experts,
-        "format": store_format,
-        "vllm": vllm.__version__,
-    }
+    fingerprint = store_fingerprint(model, store_format, str(model_config.dtype), num_experts)
+    store_dir = config.resolved_store_dir
+    directory = store_folder(store_dir, model, fingerprint)
+    model_path = os.path.abspath(model) if os.path.isdir(model) else model
+    for other in list_stores(store_dir):
+        if other.model == model_path and other.path != directory:
+            logger.info(
+                "expertflow: another store of %s is at %s (%.1f GiB, %.0f days old%s); "
+                "`vllm-expertflow store gc` removes stale ones",
+                model,
+                other.path,
+                other.size_bytes / 2**30,
+                other.age_seconds / 86400,
+                "" if other.complete else ", incomplete",
+            )
+    return DiskStore(directory, fingerprint, num_experts, model_path)

@@ -23,9 +23,15 @@ def register() -> None:
 def _route_logs_through_vllm() -> None:
     """Our loggers print wherever vLLM's do, in the API server and in every worker."""
     ours = logging.getLogger("vllm_expertflow")
-    if not ours.handlers:
-        vllm_logger = logging.getLogger("vllm")
-        for handler in vllm_logger.handlers:
-            ours.addHandler(handler)
-        ours.setLevel(vllm_logger.level or logging.INFO)
+    if not any(isinstance(h, _ToVllmLogger) for h in ours.handlers):
+        ours.addHandler(_ToVllmLogger())
+        ours.setLevel(logging.getLogger("vllm").level or logging.INFO)
         ours.propagate = False
+
+
+class _ToVllmLogger(logging.Handler):
+    """Hands each record to vLLM's logger as it is emitted: some processes (the API server)
+    set up vLLM's handlers only after plugins are loaded, so they cannot be copied then."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("vllm").handle(record)

@@ -136,4 +136,5 @@ def test_a_store_damaged_under_a_running_engine_fails_the_request_with_the_reaso
         # vLLM 0.32 ends the engine core on any error in a forward; the reason is in its log.
         with pytest.raises(EngineDeadError):
             llm.generate(prompts[:2], greedy_params(8), use_tqdm=False)
-    assert "does not match its checksum" in capfd.readouterr().err
+    logged = capfd.readouterr()
+    assert "does not match its checksum" in logged.out + logged.err

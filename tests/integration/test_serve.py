@@ -1,5 +1,6 @@
 """`vllm serve --moe-backend expertflow` over real HTTP returns the stock backend's tokens."""
 
+import asyncio
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import requests
 from conftest import MAX_NUM_BATCHED_TOKENS
@@ -108,6 +110,78 @@ def test_metrics_report_the_expert_cache(server, prompts, stock_run):
     assert values['expertflow_lookups_total{layer="all"}'] == hits + misses
     assert values['expertflow_bytes_loaded_total{layer="all"}'] > 0
     assert values["expertflow_slots"] == 48
+
+
+async def stream_completion(client, base: str, prompt: str, chunks_before_leaving: int | None):
+    """Streams one greedy completion; returns its token ids, or None if it left early."""
+    body = {
+        "model": str(DEMO_MODEL),
+        "prompt": prompt,
+        "max_tokens": 32,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+    }
+    token_ids, chunks = [], 0
+    async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            token_ids += json.loads(line.removeprefix("data: "))["choices"][0]["token_ids"]
+            chunks += 1
+            if chunks == chunks_before_leaving:
+                return None  # the client disconnects mid-stream
+    return token_ids
+
+
+MALFORMED = [
+    b"{not json",
+    json.dumps({"model": str(DEMO_MODEL)}).encode(),  # no prompt
+    json.dumps({"model": str(DEMO_MODEL), "prompt": "A", "max_tokens": -1}).encode(),
+    json.dumps({"model": "no-such-model", "prompt": "A"}).encode(),
+]
+
+
+def test_a_loaded_server_with_faults_stays_healthy_and_exact(server, prompts, stock_run):
+    """64 concurrent streaming clients, 20 of which leave after two chunks, with malformed
+    requests mixed in: the server answers them 4xx, stays up, and every completed stream
+    carries stock's tokens."""
+
+    async def load() -> tuple[list, list[int]]:
+        limits = httpx.Limits(max_connections=80)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            streams = [
+                stream_completion(
+                    client, server, prompts[i % len(prompts)], 2 if i % 16 < 5 else None
+                )
+                for i in range(64)
+            ]
+            bad = [
+                client.post(
+                    f"{server}/v1/completions",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                )
+                for body in MALFORMED * 2
+            ]
+            results = await asyncio.gather(*streams, *bad)
+        return list(results[:64]), [r.status_code for r in results[64:]]
+
+    completed, bad_statuses = asyncio.run(load())
+    assert all(400 <= status < 500 for status in bad_statuses), bad_statuses
+    assert sum(tokens is None for tokens in completed) == 20
+    for i, tokens in enumerate(completed):
+        if tokens is not None:
+            assert tokens == stock_run.token_ids[i % len(prompts)], f"client {i}"
+    assert requests.get(f"{server}/health", timeout=30).status_code == 200
+    time.sleep(1.5)  # workers write a snapshot at most once a second
+    values = expertflow_metrics(server)
+    lookups, hits, misses = (
+        values[f'expertflow_{name}_total{{layer="all"}}'] for name in ("lookups", "hits", "misses")
+    )
+    assert lookups == hits + misses > 0
 
 
 def test_ctrl_c_logs_the_stats(served):

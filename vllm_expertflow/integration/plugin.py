@@ -23,15 +23,17 @@ def register() -> None:
 def _route_logs_through_vllm() -> None:
     """Our loggers print wherever vLLM's do, in the API server and in every worker."""
     ours = logging.getLogger("vllm_expertflow")
-    if not any(isinstance(h, _ToVllmLogger) for h in ours.handlers):
-        ours.addHandler(_ToVllmLogger())
+    if not any(isinstance(h, _ToVllmHandlers) for h in ours.handlers):
+        ours.addHandler(_ToVllmHandlers())
         ours.setLevel(logging.getLogger("vllm").level or logging.INFO)
-        ours.propagate = False
 
 
-class _ToVllmLogger(logging.Handler):
-    """Hands each record to vLLM's logger as it is emitted: some processes (the API server)
-    set up vLLM's handlers only after plugins are loaded, so they cannot be copied then."""
+class _ToVllmHandlers(logging.Handler):
+    """Hands each record to the handlers vLLM's logger has when it is emitted: some processes
+    (the API server) set them up only after plugins are loaded, so they cannot be copied then.
+    Records still propagate to the root logger, which vLLM leaves without handlers."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger("vllm").handle(record)
+        for handler in logging.getLogger("vllm").handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)

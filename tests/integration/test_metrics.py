@@ -30,7 +30,18 @@ def test_collector_sums_worker_snapshots_per_layer(tmp_path, monkeypatch):
     assert "expertflow_slots 16.0" in text
 
 
-def test_only_workers_gone_without_logging_their_stats_are_logged_at_exit(tmp_path, caplog):
+class Records(logging.Handler):
+    """The records of one logger, each once (caplog also sees what vLLM's handlers see)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_only_workers_gone_without_logging_their_stats_are_logged_at_exit(tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()  # reaped: its pid names no process
     writer = SnapshotWriter()
@@ -44,9 +55,16 @@ def test_only_workers_gone_without_logging_their_stats_are_logged_at_exit(tmp_pa
         written = json.loads((tmp_path / f"{os.getpid()}.json").read_text())
         (tmp_path / f"{pid}-{final}.json").write_text(json.dumps({**written, "pid": pid}))
     (tmp_path / f"{os.getpid()}.json").unlink()
-    caplog.set_level(logging.INFO, logger="vllm_expertflow.metrics")
-    SnapshotCollector(str(tmp_path)).log_unlogged_stats()
-    assert [r.getMessage() for r in caplog.records] == [
+    logger, records = logging.getLogger("vllm_expertflow.metrics"), Records()
+    logger.addHandler(records)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        SnapshotCollector(str(tmp_path)).log_unlogged_stats()
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    assert records.messages == [
         "expertflow stats: lookups=201 hits=200 misses=1 hit_rate=0.995 loaded=0.0 MiB "
         "load_seconds=0.000 stall_seconds=0.000 prefetches issued/used/wasted=0/0/0 "
         f"(worker {gone.pid}, from its last snapshot)"

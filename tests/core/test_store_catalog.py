@@ -117,3 +117,12 @@ def test_no_stores_lists_nothing(tmp_path, missing):
     if missing == "empty":
         (tmp_path / "stores").mkdir()
     assert list_stores(str(tmp_path / "stores")) == []
+
+
+def test_a_shard_without_expert_tensors_does_not_change_the_key(tmp_path):
+    model = save_checkpoint(tmp_path / "model")
+    key = store_key(fingerprint_of(model))
+    save_file({EMBEDDING: torch.randn(32, 64)}, str(model / "model-2.safetensors"))
+    assert store_key(fingerprint_of(model)) == key
+    save_file({EMBEDDING: torch.ones(32, 64)}, str(model / "model-2.safetensors"))
+    assert store_key(fingerprint_of(model)) == key

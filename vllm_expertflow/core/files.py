@@ -1,4 +1,5 @@
-"""Writing files so that a reader sees the old content or the new, never half of either."""
+"""Writing files so that a reader sees the old content or the new, never half of either, and
+telling whether the process behind a temporary file or a snapshot still runs."""
 
 from __future__ import annotations
 

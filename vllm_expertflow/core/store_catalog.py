@@ -6,8 +6,8 @@ touched: the routed-expert tensors' names, dtypes and shapes, a sample of their 
 kernel layout they are stored in, the dtype and the expert count. A re-downloaded or `touch`ed
 checkpoint therefore finds its store again. The sample (64 blocks of 4 KiB spread over each
 file's expert bytes) reads a few MiB even for a model of hundreds of GB; a fine-tune rewrites
-nearly every weight, so its samples differ. The store's manifest also records a digest of every
-stored record, so two stores that hold the same bytes can be told apart from stale ones.
+nearly every weight, so its samples differ. Integrity of the stored bytes themselves is the
+store's own: a checksum per record, checked at start-up and on every read (`disk_store`).
 """
 
 from __future__ import annotations
@@ -57,10 +57,14 @@ def checkpoint_expert_digest(model_dir: str) -> str:
     """A digest of the checkpoint's routed-expert tensors: every one's name, dtype and shape,
     and sampled bytes. Files that hold no expert tensor do not count; a checkpoint whose expert
     tensors are not recognisable by name is sampled whole."""
+    headers = [
+        (path, *safetensors_header(path))
+        for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    ]
+    named = any(is_expert_tensor(name) for _, tensors, _ in headers for name in tensors)
     digest = xxhash.xxh3_128()
-    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-        tensors, data_start = safetensors_header(path)
-        experts = {n: t for n, t in tensors.items() if is_expert_tensor(n)} or tensors
+    for path, tensors, data_start in headers:
+        experts = {n: t for n, t in tensors.items() if is_expert_tensor(n) or not named}
         if not experts:
             continue
         ranges = sorted(tuple(t["data_offsets"]) for t in experts.values())
@@ -181,7 +185,7 @@ def _is_complete(path: str, manifest: dict) -> bool:
     layers, stride, experts = (manifest.get(k) for k in ("layers", "record_stride", "num_experts"))
     if not (isinstance(layers, dict) and layers and isinstance(stride, int)):
         return False
-    if not isinstance(experts, int):
+    if not isinstance(experts, int) or not all(layer.isdigit() for layer in layers):
         return False
     for layer in layers:
         file = os.path.join(path, layer_file_name(int(layer)))

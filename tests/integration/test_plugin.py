@@ -22,6 +22,30 @@ def test_register_is_idempotent_and_extends_the_choices():
         KernelConfig(moe_backend="not-a-backend")
 
 
+def test_our_records_reach_vllms_handlers_and_skip_a_closed_stream(capsys):
+    import io
+    import logging
+
+    from vllm_expertflow.integration.plugin import _ToVllmHandlers
+
+    vllm_logger, ours = logging.getLogger("vllm"), logging.getLogger("vllm_expertflow.test")
+    open_stream, closed_stream = io.StringIO(), io.StringIO()
+    handlers = [logging.StreamHandler(open_stream), logging.StreamHandler(closed_stream)]
+    forwarder = _ToVllmHandlers()
+    for handler in handlers:
+        vllm_logger.addHandler(handler)
+    ours.addHandler(forwarder)
+    try:
+        closed_stream.close()  # as pytest's capture is, when the exit hooks log the last stats
+        ours.warning("expertflow: last stats")
+    finally:
+        ours.removeHandler(forwarder)
+        for handler in handlers:
+            vllm_logger.removeHandler(handler)
+    assert open_stream.getvalue() == "expertflow: last stats\n"
+    assert "Logging error" not in capsys.readouterr().err
+
+
 def test_vllm_serve_cli_accepts_the_backend():
     vllm = str(__import__("pathlib").Path(sys.executable).with_name("vllm"))
     out = subprocess.run([vllm, "serve", "--help=moe-backend"], capture_output=True, text=True)

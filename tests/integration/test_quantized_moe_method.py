@@ -9,13 +9,16 @@ identical expert values, stock kernel, no offloading.
 import json
 import os
 import shutil
+from argparse import Namespace
 
 import pytest
 import torch
 from conftest import MAX_NUM_BATCHED_TOKENS, QUANT_GROUP_SIZE
 
 import vllm_expertflow
+from vllm_expertflow.tools import quantize
 from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine, run_greedy
+from vllm_expertflow.tools.tiny_moe import build_tiny_moe
 
 pytestmark = pytest.mark.engine
 
@@ -88,6 +91,38 @@ def test_greedy_tokens_match_stock_on_the_same_experts(
         outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outputs] == stock_tokens
     assert os.stat(store_dir / "layer_3.bin").st_mtime_ns != mtime
+
+
+def test_a_mixtral_style_int4_checkpoint_is_served_with_stock_tokens(prompts, tmp_path):
+    # Mixtral's experts are `block_sparse_moe.experts.N.w1/w2/w3` to vLLM's loader: a quantization
+    # config written for Qwen's `mlp.experts.N.gate_proj` left them unquantized to vLLM, and
+    # loading failed on `w2_weight_packed`.
+    model = build_tiny_moe("mixtral", tmp_path / "mixtral")
+    out = tmp_path / "mixtral-gptq"
+    args = Namespace(
+        model=model,
+        method="gptq",
+        bits=4,
+        group_size=32,
+        calibration=[DEMO_MODEL / "heldout_pydoc.txt"],
+        samples=8,
+        seq_len=128,
+        out=out,
+    )
+    assert quantize.run(args) == 0
+    reference = tmp_path / "mixtral-gptq-dequantized"
+    quantize.write_dequantized(out, reference)
+    batch = {"max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS}
+    stock = run_greedy(prompts, "auto", model=reference, **batch).token_ids
+    top_k = json.loads((model / "config.json").read_text())["num_experts_per_tok"]
+    with open_engine(
+        "expertflow", {"cache_fraction": 0.25, "store": "ram"}, model=out, **batch
+    ) as llm:
+        for size in ({"cache_fraction": 0.25}, {"cache_experts": top_k}):
+            vllm_expertflow.reconfigure(llm, {"store": "ram", **size})
+            outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
+            assert [list(o.outputs[0].token_ids) for o in outputs] == stock, size
+            assert vllm_expertflow.get_stats(llm)["total"]["misses"] > 0
 
 
 def test_unsupported_quantized_experts_are_refused_in_one_line(quantized, tmp_path):

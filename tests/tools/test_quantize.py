@@ -35,6 +35,16 @@ def test_group_size_must_divide_the_expert_dimensions(tmp_path, capsys):
     assert "--group-size 96 must divide hidden_size (256), moe_intermediate_size (128)" in message
 
 
+def test_group_size_is_checked_against_a_mixtral_style_expert_width(tmp_path, capsys):
+    # Mixtral has no moe_intermediate_size: every MLP is MoE, its width is intermediate_size.
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96}
+    (model / "config.json").write_text(json.dumps(config))
+    message = refusal(args_for(model=model, group_size=64, tmp_path=tmp_path), capsys)
+    assert "--group-size 64 must divide hidden_size (64), intermediate_size (96)" in message
+
+
 def test_missing_calibration_text_is_named(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
     message = refusal(args_for(calibration=[missing], tmp_path=tmp_path), capsys)

@@ -7,6 +7,7 @@ worker-side code; the MoE methods are installed only where a model is loaded wit
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
 
 def register() -> None:
@@ -26,14 +27,23 @@ def _route_logs_through_vllm() -> None:
     if not any(isinstance(h, _ToVllmHandlers) for h in ours.handlers):
         ours.addHandler(_ToVllmHandlers())
         ours.setLevel(logging.getLogger("vllm").level or logging.INFO)
+    if multiprocessing.parent_process() is not None:
+        # An engine or worker process: vLLM's CPU MoE code calls `logging.debug()`, which gives
+        # the root logger basicConfig's handler, so a propagated record would print twice. A
+        # top process keeps propagating: its owner's logging setup (pytest's too) sees ours.
+        ours.propagate = False
 
 
 class _ToVllmHandlers(logging.Handler):
     """Hands each record to the handlers vLLM's logger has when it is emitted: some processes
     (the API server) set them up only after plugins are loaded, so they cannot be copied then.
-    Records still propagate to the root logger, which vLLM leaves without handlers."""
+    Records also propagate to the root logger in a top process (see the caller)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         for handler in logging.getLogger("vllm").handlers:
+            # A stream closed under it (pytest closes its captured stdout before the exit
+            # hooks that log the last stats run) would print a "Logging error" traceback.
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                continue
             if record.levelno >= handler.level:
                 handler.handle(record)

@@ -47,10 +47,14 @@ def check_inputs(args: argparse.Namespace) -> None:
     missing = [str(p) for p in args.calibration if not p.is_file()]
     if missing:
         raise QuantizeError(f"quantize: calibration file(s) not found: {', '.join(missing)}")
-    sizes = {
-        "hidden_size": config.get("hidden_size"),
-        "moe_intermediate_size": config.get("moe_intermediate_size"),
-    }
+    # An expert's width: `moe_intermediate_size` where the family also has dense MLPs (Qwen,
+    # DeepSeek), `intermediate_size` where every MLP is MoE (Mixtral, OLMoE).
+    expert_width_key = next(
+        (k for k in ("moe_intermediate_size", "intermediate_size") if config.get(k)), None
+    )
+    sizes = {"hidden_size": config.get("hidden_size")}
+    if expert_width_key:
+        sizes[expert_width_key] = config[expert_width_key]
     bad = {name: size for name, size in sizes.items() if size and size % args.group_size}
     if args.group_size <= 0 or bad:
         raise QuantizeError(

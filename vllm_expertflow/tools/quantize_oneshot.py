@@ -18,7 +18,11 @@ import shutil
 import sys
 from pathlib import Path
 
-EXPERT_LINEARS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
+# Every linear of a numbered routed expert, whatever the family calls it: llm-compressor sees
+# `mlp.experts.0.gate_proj` where vLLM's loader asks about `block_sparse_moe.experts.0.w1`
+# (Mixtral), and both read this config. Shared experts (`shared_expert(s).gate_proj`) carry
+# no number.
+EXPERT_LINEARS = r"re:.*\.experts\.\d+\.[^.]+$"
 
 
 def calibration_samples(tokenizer, files: list[Path], seq_len: int, count: int) -> list[dict]:

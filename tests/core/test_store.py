@@ -184,3 +184,76 @@ def test_a_layer_that_does_not_fit_is_refused_with_the_bytes(tmp_path, monkeypat
     with pytest.raises(ExpertFlowConfigError, match=refusal):
         store.write_layer(0, random_layer(0))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_write_blocked_by_a_folder_is_refused_in_one_line(tmp_path):
+    from vllm_expertflow.core.config import ExpertFlowConfigError
+
+    (tmp_path / "layer_1.bin").mkdir()  # foreign content where a layer file belongs
+    store = DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
+    with pytest.raises(ExpertFlowConfigError) as error:
+        write_store(store)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"writing the disk store failed at {tmp_path / 'layer_1.bin'}: Is a directory" in message
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+# A child writes a 3-layer store and stops at one point of the write; the test kills it there.
+_KILLED_WRITER = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import test_store
+from vllm_expertflow.core import disk_store
+
+point = sys.argv[2]
+def stop():
+    print("stopped", flush=True)
+    time.sleep(600)
+
+replace, write_manifest = os.replace, disk_store.write_text_atomically
+def replace_then_stop(*args):  # the first layer renamed into place, the others not yet
+    replace(*args)
+    stop()
+def stop_in_manifest(path, text, durable=False):  # the manifest's temporary file half written
+    Path(path).with_name(f".{{Path(path).name}}.{{os.getpid()}}.tmp").write_text(text[:40])
+    stop()
+if point == "renames":
+    disk_store.os.replace = replace_then_stop
+if point == "manifest":
+    disk_store.write_text_atomically = stop_in_manifest
+
+store = disk_store.DiskStore(sys.argv[1], test_store.FINGERPRINT, test_store.NUM_EXPERTS)
+store.write_layer(0, test_store.random_layer(0))
+if point == "first-layer":
+    stop()
+for layer in (1, 2):
+    store.write_layer(layer, test_store.random_layer(layer))
+if point == "all-layers":
+    stop()
+store.finish_writing()
+"""
+
+
+@pytest.mark.parametrize("point", ["first-layer", "all-layers", "renames", "manifest"])
+def test_a_write_killed_at_any_point_is_cleaned_up_and_rewritten(tmp_path, point):
+    import signal
+    import subprocess
+    import sys
+
+    script = _KILLED_WRITER.format(tests=os.path.dirname(__file__))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path), point], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout.readline().strip() == "stopped"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert any(name.endswith(".tmp") for name in os.listdir(tmp_path)), "killed mid-write"
+
+    store = DiskStore(str(tmp_path), FINGERPRINT, NUM_EXPERTS)
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+    assert not any(store.has_layer(layer) for layer in (0, 1, 2))  # no manifest was written
+    write_store(store, layers=(0, 1, 2))
+    assert_round_trip_bit_exact(store, layers=(0, 1, 2))
+    assert sorted(os.listdir(tmp_path)) == [*(f"layer_{i}.bin" for i in range(3)), MANIFEST]

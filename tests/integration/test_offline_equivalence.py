@@ -114,7 +114,7 @@ def test_disk_store_is_written_once_and_reused(
     assert store.model == str(copy)  # the manifest names the checkpoint last served from it
 
 
-def test_a_store_damaged_under_a_running_engine_fails_the_request_with_the_reason(
+def test_a_damaged_store_fails_with_the_reason_and_the_next_start_repairs_it(
     tmp_path, prompts, stock_run, capfd
 ):
     """Never tokens computed on bad bytes: stock's tokens, or an error naming the damage."""
@@ -138,3 +138,29 @@ def test_a_store_damaged_under_a_running_engine_fails_the_request_with_the_reaso
             llm.generate(prompts[:2], greedy_params(8), use_tqdm=False)
     logged = capfd.readouterr()
     assert "does not match its checksum" in logged.out + logged.err
+
+    # A folder where a damaged layer's file belongs: only the worker finds it, rewriting the
+    # layer. The caller gets the worker's line as its error, and no engine process stays.
+    import psutil
+
+    from vllm_expertflow.core.config import ExpertFlowConfigError
+
+    (folder,) = {os.path.dirname(path) for path in layer_files(tmp_path)}
+    blocked = os.path.join(folder, "layer_0.bin")
+    os.unlink(blocked)
+    os.mkdir(blocked)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    with pytest.raises(ExpertFlowConfigError) as error:
+        with open_engine("expertflow", options, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS):
+            pass
+    assert str(error.value).startswith(f"expertflow: writing the disk store failed at {blocked}")
+    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before]
+    assert not [c for c in left if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+    # Cleared, the next start rewrites the damaged layers and gives stock's tokens.
+    os.rmdir(blocked)
+    with open_engine("expertflow", options, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS) as llm:
+        outputs = llm.generate(prompts[:2], greedy_params(8), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == [
+        ids[:8] for ids in stock_run.token_ids[:2]
+    ]

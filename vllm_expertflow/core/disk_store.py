@@ -11,6 +11,7 @@ record that fails twice while serving raises `StoreCorruptedError` and is never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 
 import torch
 import xxhash
@@ -165,7 +167,7 @@ class DiskStore(ExpertStore):
         checksums = []
         tmp = self._path(f"{self._layer_file(layer)}.{os.getpid()}.tmp")
         padding = bytes(self.record_stride - self.layout.nbytes)
-        with open(tmp, "wb") as f:
+        with self._writing(tmp), open(tmp, "wb") as f:
             for expert in range(self.num_experts):
                 record = (
                     b"".join(
@@ -187,7 +189,9 @@ class DiskStore(ExpertStore):
         if not self._pending and self._manifest_model == self.model:
             return
         for layer, tmp in self._pending.items():
-            os.replace(tmp, self._path(self._layer_file(layer)))
+            path = self._path(self._layer_file(layer))
+            with self._writing(path):
+                os.replace(tmp, path)
         manifest = {
             "format": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
@@ -197,11 +201,34 @@ class DiskStore(ExpertStore):
             "num_experts": self.num_experts,
             "layers": self._checksums,
         }
-        write_text_atomically(self._path(MANIFEST), json.dumps(manifest, indent=1), durable=True)
+        with self._writing(self._path(MANIFEST)):
+            write_text_atomically(
+                self._path(MANIFEST), json.dumps(manifest, indent=1), durable=True
+            )
         self._manifest_model = self.model
         for layer in list(self._pending):
             del self._pending[layer]
             self._open_for_reading(layer)
+
+    @contextlib.contextmanager
+    def _writing(self, path: str) -> Iterator[None]:
+        """A failed write (a disk that filled after the start-up check, a folder where a file
+        belongs) raises one line naming the path; no temporary file of this process stays."""
+        try:
+            yield
+        except OSError as e:
+            ours = [*self._pending.values()]
+            if path.endswith(f".{os.getpid()}.tmp"):
+                ours.append(path)
+            for tmp in ours:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            self._pending.clear()
+            raise ExpertFlowConfigError(
+                f"expertflow: writing the disk store failed at {path}: "
+                f"{e.strerror or e}; free space, remove what is in the way, or set store_dir "
+                "to another folder"
+            ) from e
 
     def _open_for_reading(self, layer: int) -> None:
         path = self._path(self._layer_file(layer))

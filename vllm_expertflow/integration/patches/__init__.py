@@ -30,10 +30,11 @@ def apply_all() -> bool:
     if not vllm_is_supported(vllm.__version__):
         _warn_unsupported(vllm.__version__)
         return False
-    from . import model_loading, moe_backend_option
+    from . import model_loading, moe_backend_option, startup_errors
 
     moe_backend_option.apply()
     model_loading.apply()
+    startup_errors.apply()
     return True
 
 

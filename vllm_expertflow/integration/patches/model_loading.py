@@ -6,7 +6,8 @@ Why:    the MoE layers of one model must share one engine while vLLM builds them
 How:    wrap `BaseModelLoader.load_model` (the default, dummy and safetensors loaders use it):
         when the config selects `moe_backend="expertflow"`, install the MoE methods (only then is
         worker-side code imported), open the load's engine for the layers built inside it, and
-        build its pool after vLLM's own weight processing. Other backends pass straight through.
+        build its pool after vLLM's own weight processing; an `expertflow:` error of the load is
+        also reported to the caller (`startup_errors`). Other backends pass straight through.
 Remove: when vLLM offers MoE methods a per-model setup and a post-load hook.
 Checked against: vLLM 0.32.0.
 """
@@ -29,14 +30,20 @@ def apply() -> None:
     def load_model(self, vllm_config, model_config, prefix: str = ""):
         if vllm_config.kernel_config.moe_backend != BACKEND_NAME:
             return original(self, vllm_config, model_config, prefix)
-        from .. import engine_hooks
+        from vllm_expertflow.core.config import ExpertFlowConfigError
+
+        from .. import engine_hooks, startup_errors
         from . import fused_moe_methods, model_runner
 
         fused_moe_methods.apply()
         model_runner.apply()
-        with engine_hooks.open_model_load(vllm_config, model_config) as offloaded:
-            model = original(self, vllm_config, model_config, prefix)
-        engine_hooks.finish_loading(offloaded, model)
+        try:
+            with engine_hooks.open_model_load(vllm_config, model_config) as offloaded:
+                model = original(self, vllm_config, model_config, prefix)
+            engine_hooks.finish_loading(offloaded, model)
+        except ExpertFlowConfigError as error:
+            startup_errors.report(error)  # the caller raises this line (patches/startup_errors)
+            raise
         return model
 
     load_model._expertflow_wrapped = True

@@ -8,7 +8,10 @@ are applied from the model-loading patch, in the process that builds a model wit
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
+from typing import Any
 
 SUPPORTED_VLLM_PREFIX = "0.32."
 BACKEND_NAME = "expertflow"
@@ -36,6 +39,16 @@ def apply_all() -> bool:
     model_loading.apply()
     startup_errors.apply()
     return True
+
+
+def wrap_once(owner: Any, name: str, make_wrapper: Callable[[Callable], Callable]) -> None:
+    """Replaces `owner.name` by `make_wrapper(original)`, once however often it is asked."""
+    original = getattr(owner, name)
+    if getattr(original, "_expertflow_wrapped", False):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper._expertflow_wrapped = True
+    setattr(owner, name, wrapper)
 
 
 _warned = False

@@ -14,19 +14,16 @@ Checked against: vLLM 0.32.0.
 
 from __future__ import annotations
 
-import functools
-
-from . import BACKEND_NAME
+from . import BACKEND_NAME, wrap_once
 
 
 def apply() -> None:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-    original = BaseModelLoader.load_model
-    if getattr(original, "_expertflow_wrapped", False):
-        return
+    wrap_once(BaseModelLoader, "load_model", _with_offloading)
 
-    @functools.wraps(original)
+
+def _with_offloading(original):
     def load_model(self, vllm_config, model_config, prefix: str = ""):
         if vllm_config.kernel_config.moe_backend != BACKEND_NAME:
             return original(self, vllm_config, model_config, prefix)
@@ -46,5 +43,4 @@ def apply() -> None:
             raise
         return model
 
-    load_model._expertflow_wrapped = True
-    BaseModelLoader.load_model = load_model
+    return load_model

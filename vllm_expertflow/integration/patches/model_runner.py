@@ -14,7 +14,7 @@ Checked against: vLLM 0.32.0.
 
 from __future__ import annotations
 
-import functools
+from . import wrap_once
 
 
 def apply() -> None:
@@ -22,20 +22,14 @@ def apply() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     for runner_cls in (GPUModelRunner, GPUModelRunnerV2):
-        _wrap_execute_model(runner_cls)
+        wrap_once(runner_cls, "execute_model", _with_bookkeeping)
 
 
-def _wrap_execute_model(runner_cls: type) -> None:
+def _with_bookkeeping(original):
     from ..engine_hooks import before_forward
 
-    original = runner_cls.execute_model
-    if getattr(original, "_expertflow_wrapped", False):
-        return
-
-    @functools.wraps(original)
     def execute_model(self, scheduler_output, *args, **kwargs):
         before_forward(self, scheduler_output)
         return original(self, scheduler_output, *args, **kwargs)
 
-    execute_model._expertflow_wrapped = True
-    runner_cls.execute_model = execute_model
+    return execute_model

@@ -14,18 +14,18 @@ Checked against: vLLM 0.32.0.
 
 from __future__ import annotations
 
-import functools
 import time
+
+from . import wrap_once
 
 
 def apply() -> None:
     from vllm.v1.engine import utils
 
-    original = utils.wait_for_engine_startup
-    if getattr(original, "_expertflow_wrapped", False):
-        return
+    wrap_once(utils, "wait_for_engine_startup", _raising_reported_errors)
 
-    @functools.wraps(original)
+
+def _raising_reported_errors(original):
     def wait_for_engine_startup(*args, **kwargs):
         from vllm_expertflow.core.config import ExpertFlowConfigError
 
@@ -40,5 +40,4 @@ def apply() -> None:
                 raise ExpertFlowConfigError(reported[0]) from None
             raise
 
-    wait_for_engine_startup._expertflow_wrapped = True
-    utils.wait_for_engine_startup = wait_for_engine_startup
+    return wait_for_engine_startup

@@ -25,6 +25,10 @@ SUBCOMMANDS = {
         "vllm_expertflow.tools.eval_predictors",
         "compare expert predictors and cache policies on a held-out trace",
     ),
+    "plan": (
+        "vllm_expertflow.tools.plan",
+        "predict decode tok/s for a model, a machine and pool sizes from a routing trace",
+    ),
     "quantize": (
         "vllm_expertflow.tools.quantize",
         "int4 GPTQ/AWQ experts with llm-compressor, in a checkpoint vLLM loads",

@@ -186,3 +186,27 @@ def test_belady_is_the_floor_for_batched_forwards(num_slots):
         other = replay(manifest, tensors, num_slots, "ondemand", policy, steps=steps)
         assert belady.demand_misses <= other.demand_misses
     assert belady.hits + belady.demand_misses == belady.lookups
+
+
+@pytest.mark.parametrize("num_slots", [3, 10])
+def test_the_timeline_log_holds_exactly_the_counted_loads(num_slots):
+    manifest, tensors = random_trace(120)
+    oracle = OraclePredictor(tensors)
+    steps = [list(range(i, min(i + 4, 120))) for i in range(0, 120, 4)]
+    for mode, policy, predictor in [
+        ("ondemand", "lru", None),
+        ("prefetch", "predictive", oracle),
+        ("belady", "lru", None),
+    ]:
+        kwargs = {"predictor": predictor, "prefetch_depth": 2, "steps": steps, "warm_steps": 2}
+        counted = replay(manifest, tensors, num_slots, mode, policy, **kwargs)
+        logged = replay(manifest, tensors, num_slots, mode, policy, timeline=True, **kwargs)
+        assert logged.to_dict() == counted.to_dict()  # logging changes no count
+        forwards = logged.forwards
+        assert len(forwards) == len(steps) - 2
+        assert all([s.layer for s in forward] == LAYERS for forward in forwards)
+        assert sum(s.demand_loads for f in forwards for s in f) == counted.demand_misses
+        assert sum(s.experts_run for f in forwards for s in f) == counted.lookups
+        targets = [t for f in forwards for s in f for t in s.prefetch_targets]
+        assert len(targets) == counted.prefetch_issued
+        assert all(t in LAYERS for t in targets)

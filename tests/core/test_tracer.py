@@ -32,3 +32,32 @@ def test_token_budget_and_sampling_bound_the_trace(tmp_path):
     _, tensors = read_trace(str(tmp_path))
     first_step = tensors["positions"][tensors["request_ids"] == 0]
     assert 5 < len(first_step) < 35, "about half of a step's tokens are kept"
+
+
+def test_a_routing_file_round_trips_and_bad_ones_are_named(tmp_path):
+    import numpy as np
+    import pytest
+
+    from vllm_expertflow.core.tracer import read_routing_npz, write_routing_npz
+
+    metadata = {"num_experts": 16, "top_k": 2, "layers": [0, 1]}
+    tracer = RoutingTracer(str(tmp_path / "trace"), metadata, 10**6)
+    record_steps(tracer, [3, 2, 4])
+    tracer.close()
+    manifest, tensors = read_trace(str(tmp_path / "trace"))
+    write_routing_npz(manifest, tensors, str(tmp_path / "routing.npz"))
+    read_manifest, read = read_routing_npz(str(tmp_path / "routing.npz"))
+    assert read_manifest["layers"] == [int(layer) for layer in manifest["layers"]]
+    assert (read_manifest["num_experts"], read_manifest["top_k"]) == (16, 2)
+    for layer in read_manifest["layers"]:
+        assert torch.equal(read[f"topk_ids.{layer}"], tensors[f"topk_ids.{layer}"].long())
+    assert torch.equal(read["request_ids"], tensors["request_ids"].long())
+
+    # Layers with any indices; request ids and expert count optional.
+    np.savez(tmp_path / "other.npz", layers=[1, 3, 5], topk_ids=np.zeros((4, 3, 2), np.int32))
+    other, read = read_routing_npz(str(tmp_path / "other.npz"))
+    assert other["layers"] == [1, 3, 5] and other["num_experts"] == 1
+    assert read["request_ids"].tolist() == [0, 0, 0, 0]
+    np.savez(tmp_path / "bad.npz", layers=[1, 3], topk_ids=np.zeros((4, 3, 2), np.int32))
+    with pytest.raises(ValueError, match=r"topk_ids must be \[tokens, 2 layers, top-k\]"):
+        read_routing_npz(str(tmp_path / "bad.npz"))

@@ -34,6 +34,7 @@ from .prefetcher import Prefetcher
 from .stats import OffloadStats
 from .step_plan import plan_rounds
 from .store import RamStore
+from .timeline import LayerStep
 
 MODES = ("ondemand", "prefetch", "static", "belady")
 
@@ -57,6 +58,8 @@ class ReplayResult:
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     per_layer: dict[int, LayerCounts] = field(default_factory=dict)
+    # With `replay(..., timeline=True)`: each measured forward's layer-steps, for timeline.py.
+    forwards: list[list[LayerStep]] = field(default_factory=list)
 
     @property
     def loads(self) -> int:
@@ -71,7 +74,34 @@ class ReplayResult:
         out["loads"] = self.loads
         out["hit_rate"] = self.hit_rate
         out["per_layer"] = {str(k): asdict(v) for k, v in self.per_layer.items()}
+        del out["forwards"]
         return out
+
+
+PREDICTIVE_POLICIES = ("gate", "transition", "learned")
+
+
+def replay_spec(
+    policy: str,
+    predictor: ExpertPredictor | None = None,
+    static_keys: list[ExpertKey] | None = None,
+    prefetch_depth: int = 1,
+) -> dict:
+    """`replay` keyword arguments for a policy as `bench` and `plan` name it."""
+    if policy == "lru-ondemand":
+        return {"mode": "ondemand", "policy": "lru"}
+    if policy == "belady":
+        return {"mode": "belady"}
+    if policy == "static":
+        return {"mode": "static", "policy": "lru", "static_keys": static_keys}
+    if policy in PREDICTIVE_POLICIES:
+        return {
+            "mode": "prefetch",
+            "policy": "predictive",
+            "predictor": predictor,
+            "prefetch_depth": prefetch_depth,
+        }
+    raise ValueError(f"unknown policy {policy!r}")
 
 
 def slots_for_fraction(fraction: float, num_layers: int, num_experts: int) -> int:
@@ -137,7 +167,11 @@ class _PrecomputedPredictor(ExpertPredictor):
 
 
 def _zero_byte_pool(
-    layers: list[int], num_experts: int, num_slots: int, eviction: EvictionPolicy
+    layers: list[int],
+    num_experts: int,
+    num_slots: int,
+    eviction: EvictionPolicy,
+    stats: OffloadStats,
 ) -> ExpertPool:
     """The engine's pool over experts of no bytes: the bookkeeping without the copies."""
     store = RamStore(num_experts, pin_memory=False)
@@ -147,11 +181,37 @@ def _zero_byte_pool(
         )
     store.finish_writing()
     device = torch.device("cpu")
-    return ExpertPool(store, num_slots, device, layers, eviction, OffloadStats(), io_threads=0)
+    return ExpertPool(store, num_slots, device, layers, eviction, stats, io_threads=0)
+
+
+class _TimelineLog(OffloadStats):
+    """Counts as `OffloadStats` does, and keeps each layer-step's loads in issue order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forwards: list[list[LayerStep]] = []
+
+    def begin(self, layer: int, tokens: int, new_forward: bool) -> None:
+        if new_forward:
+            self.forwards.append([])
+        self.forwards[-1].append(LayerStep(layer, tokens))
+
+    def record_lookups(self, layer: int, hits: int, misses: int) -> None:
+        super().record_lookups(layer, hits, misses)
+        if self.forwards:
+            self.forwards[-1][-1].experts_run += hits + misses
+            self.forwards[-1][-1].demand_loads += misses
+
+    def record_prefetch(self, layer: int) -> None:
+        super().record_prefetch(layer)
+        if self.forwards:  # a static hot set's fill comes before any forward
+            self.forwards[-1][-1].prefetch_targets.append(layer)
 
 
 def _result(name: str, num_slots: int, stats: OffloadStats) -> ReplayResult:
     result = ReplayResult(name, num_slots)
+    if isinstance(stats, _TimelineLog):
+        result.forwards = stats.forwards
     for layer, s in stats.layers.items():
         result.per_layer[layer] = LayerCounts(s.lookups, s.hits, s.misses, s.prefetches_issued)
         result.lookups += s.lookups
@@ -243,14 +303,17 @@ def replay(
     progress: bool = False,
     steps: list[list[int]] | None = None,
     warm_steps: int = 0,
+    timeline: bool = False,
 ) -> ReplayResult:
     """Replays the trace's forwards through the step and counts what the cache did.
 
     `steps`: the trace rows of each forward, in order (default: one row each, batch-1 decode);
     the first `warm_steps` forwards run but are not counted. `static_keys` (mode "static") are
     the resident set in order of preference; the first `num_slots - top_k` are kept. `policy`
-    applies to "ondemand" and "prefetch" (and is the scratch policy of "static").
+    applies to "ondemand" and "prefetch" (and is the scratch policy of "static"). `timeline`:
+    also keep every measured layer-step's loads in issue order (`ReplayResult.forwards`).
     """
+    new_stats = _TimelineLog if timeline else OffloadStats
     if mode not in MODES:
         raise ValueError(f"unknown replay mode {mode!r}; valid: {', '.join(MODES)}")
     if mode == "prefetch" and predictor is None:
@@ -265,7 +328,7 @@ def replay(
         eviction: EvictionPolicy = BeladyPolicy(_access_times(layers, routed))
     else:
         eviction = make_policy(policy, num_slots, len(layers))
-    pool = _zero_byte_pool(layers, manifest["num_experts"], num_slots, eviction)
+    pool = _zero_byte_pool(layers, manifest["num_experts"], num_slots, eviction, new_stats())
     pool.pin_permanently(static)
     prefetcher = None
     if mode == "prefetch":
@@ -277,12 +340,14 @@ def replay(
     topk = {layer: tensors[f"topk_ids.{layer}"].long() for layer in layers}
     for index in _progress(len(steps), f"replay {name or mode}", progress):
         if index == warm_steps:
-            pool.stats = OffloadStats()  # what follows is what is measured
+            pool.stats = new_stats()  # what follows is what is measured
         rows = steps[index]
         if prefetcher is not None:
             recorded.rows = rows
         no_hidden, no_weights = torch.zeros(len(rows), 1), torch.zeros(len(rows), top_k)
-        for layer in layers:
+        for position, layer in enumerate(layers):
+            if timeline:
+                pool.stats.begin(layer, len(rows), new_forward=position == 0)
             step.run(layer, no_hidden, no_weights, topk[layer][rows])
     pool.close()
     return _result(name or mode, num_slots, pool.stats)

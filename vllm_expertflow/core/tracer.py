@@ -152,3 +152,64 @@ def read_trace(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"trace {directory} holds no tokens")
     tensors = {k: torch.cat([shard[k] for shard in shards]) for k in shards[0]}
     return manifest, tensors
+
+
+def write_routing_npz(manifest: dict, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """The trace's routing as a plain routing file (see `read_routing_npz`), atomically."""
+    import numpy as np
+
+    layers = [int(layer) for layer in manifest["layers"]]
+    topk = torch.stack([tensors[f"topk_ids.{layer}"].long() for layer in layers], dim=1)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            layers=np.array(layers, dtype=np.int64),
+            topk_ids=topk.numpy(),
+            request_ids=tensors["request_ids"].long().numpy(),
+            num_experts=np.int64(manifest["num_experts"]),
+        )
+
+
+def read_routing_npz(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A routing file recorded by any engine, as a trace's manifest and tensors (no hidden
+    states, so only policies that need routing alone can replay it).
+
+    `.npz` keys: `layers` int [L] (the MoE layers' indices, any values), `topk_ids` int
+    [T, L, k] (tokens in the order they were computed), optionally `request_ids` int [T]
+    (a request's tokens consecutive; default: one request) and `num_experts` (default: the
+    largest id + 1). Bad content raises ValueError naming the key.
+    """
+    import numpy as np
+
+    with np.load(path) as data:
+        missing = [key for key in ("layers", "topk_ids") if key not in data]
+        if missing:
+            raise ValueError(f"routing file {path} has no {', '.join(missing)}")
+        layers = [int(layer) for layer in data["layers"]]
+        topk = torch.from_numpy(data["topk_ids"].astype(np.int64))
+        if topk.dim() != 3 or topk.shape[1] != len(layers) or len(topk) == 0:
+            raise ValueError(
+                f"routing file {path}: topk_ids must be [tokens, {len(layers)} layers, top-k], "
+                f"got {list(topk.shape)}"
+            )
+        requests = (
+            torch.from_numpy(data["request_ids"].astype(np.int64))
+            if "request_ids" in data
+            else torch.zeros(len(topk), dtype=torch.int64)
+        )
+        if requests.shape != (len(topk),):
+            raise ValueError(f"routing file {path}: request_ids must be [{len(topk)}]")
+        num_experts = int(data["num_experts"]) if "num_experts" in data else int(topk.max()) + 1
+    if topk.min() < 0 or topk.max() >= num_experts:
+        raise ValueError(f"routing file {path}: expert ids must lie in [0, {num_experts})")
+    manifest = {
+        "model": str(path),
+        "config_hash": None,
+        "layers": layers,
+        "num_experts": num_experts,
+        "top_k": topk.shape[2],
+        "num_tokens": len(topk),
+    }
+    tensors = {f"topk_ids.{layer}": topk[:, i] for i, layer in enumerate(layers)}
+    tensors["request_ids"] = requests
+    return manifest, tensors

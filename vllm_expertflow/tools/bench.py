@@ -364,7 +364,7 @@ def offline_rows(args, budgets, policies, trace: tuple[dict, dict]) -> list[dict
     """Replays of the recorded trace: loads per policy against Belady, and predictor recall."""
     from vllm_expertflow.core.checkpoint import load_gate_weights, routing_config_hash
     from vllm_expertflow.core.predictor import GatePredictor, load_predictor, predictor_recall
-    from vllm_expertflow.core.replay import replay, slots_for_fraction
+    from vllm_expertflow.core.replay import replay, replay_spec, slots_for_fraction
 
     manifest, tensors = trace
     # Only what the run asked for: a predictor or hot set for another model is not loaded.
@@ -375,21 +375,13 @@ def offline_rows(args, budgets, policies, trace: tuple[dict, dict]) -> list[dict
         if name in policies:
             path = policy_options(args, name, 1.0)["predictor"]
             predictors[name] = load_predictor(path, routing_config_hash(str(args.model)))
-    specs = {
-        "lru-ondemand": {"mode": "ondemand", "policy": "lru"},
-        "belady": {"mode": "belady"},
-    }
+    specs = {"lru-ondemand": replay_spec("lru-ondemand"), "belady": replay_spec("belady")}
     if "static" in policies:
         hot_file = Path(policy_options(args, "static", 1.0)["static_experts"])
         hot = [tuple(k) for k in json.loads(hot_file.read_text())]
-        specs["static"] = {"mode": "static", "policy": "lru", "static_keys": hot}
+        specs["static"] = replay_spec("static", static_keys=hot)
     for name, predictor in predictors.items():
-        specs[name] = {
-            "mode": "prefetch",
-            "policy": "predictive",
-            "predictor": predictor,
-            "prefetch_depth": args.prefetch_depth,
-        }
+        specs[name] = replay_spec(name, predictor, prefetch_depth=args.prefetch_depth)
     wanted = [p for p in specs if p in policies or p == "belady"]
     rows = []
     for budget in tqdm(budgets, desc="offline replays", unit="budget"):

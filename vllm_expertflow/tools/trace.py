@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vllm_expertflow.core.checkpoint import routing_config_hash
 from vllm_expertflow.core.model_shape import MoEShape
+from vllm_expertflow.core.tracer import read_trace, write_routing_npz
 from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine
 
 logger = logging.getLogger(__name__)
@@ -22,8 +23,15 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
-    parser.add_argument("--text", type=Path, nargs="+", required=True)
+    parser.add_argument("--text", type=Path, nargs="+", help="text files to trace")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--export-npz",
+        type=Path,
+        metavar="TRACE_DIR",
+        help="instead of tracing: write TRACE_DIR's routing to --out as a plain .npz routing "
+        "file (what `plan` reads from other engines)",
+    )
     parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per request")
     parser.add_argument("--max-tokens", type=int, default=200_000, help="tokens recorded, at most")
     parser.add_argument("--sample-rate", type=float, default=1.0, help="share of tokens kept")
@@ -58,6 +66,13 @@ def text_chunks(model: Path, files: list[Path], chunk_tokens: int) -> list[list[
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.export_npz is not None:
+        manifest, tensors = read_trace(str(args.export_npz))
+        write_routing_npz(manifest, tensors, str(args.out))
+        logger.info("trace: %d tokens of routing written to %s", manifest["num_tokens"], args.out)
+        return 0
+    if not args.text:
+        raise SystemExit("trace: give --text files to trace (or --export-npz TRACE_DIR)")
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"trace: {args.out} is not empty; choose a new --out directory")
     chunks = text_chunks(args.model, args.text, args.chunk_tokens)

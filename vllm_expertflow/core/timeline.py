@@ -1,0 +1,119 @@
+"""Decode time of an offloaded MoE on given hardware, from the loads a replay issued.
+
+The replay (replay.py) runs the engine's own step, pool and prefetcher over a routing trace and
+logs, in the order the pool issued them, each layer-step's lookups and demand misses and each
+prefetch with its target layer. This module puts that log on a clock, one forward at a time:
+
+    layer start ──► demand loads queue on the link ──► compute starts when they and every
+                    prefetch of this layer have landed ──► compute ends ──► next layer
+    prefetches issued at a layer enter the link queue when that layer's compute starts
+
+The link is one FIFO queue (prefetches and demand loads in issue order) of `io_queues` parallel
+transfers: a load occupies it for bytes / bandwidth + latency / io_queues. Compute per
+layer-step is memory-bound decode: the layer's resident bytes it reads (attention, dense or
+shared MLP, every distinct expert it runs) over device bandwidth, or its FLOPs over the FLOP
+rate, whichever is longer, plus a fixed overhead per layer. A stall is the time a layer waits
+for the link. Attention over the KV cache is left out (short contexts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the plan needs to know about a machine; bandwidths in GB/s (1e9 bytes)."""
+
+    name: str
+    link_gbps: float  # host (or disk) to device, achievable
+    link_latency_us: float  # per transfer
+    io_queues: int  # transfers in flight (copy engines, I/O queue depth)
+    memory_gbps: float  # device memory bandwidth, achievable
+    tflops: float  # dense bf16 matmul rate, achievable
+    memory_gib: float  # device memory for weights, KV cache and the pool
+    layer_overhead_us: float = 0.0  # per layer-step: kernel launches, the step's bookkeeping
+    source: str = ""
+
+    def load_seconds(self, num_bytes: int) -> float:
+        return num_bytes / (self.link_gbps * 1e9) + self.link_latency_us * 1e-6 / self.io_queues
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What one MoE layer-step reads and computes, for a batch of `tokens`."""
+
+    resident_bytes: int  # attention, the dense or shared MLP: read on every step
+    expert_bytes: int  # one routed expert
+    flops_per_token: float  # attention and MLP matmuls of one token (2 x active parameters)
+
+
+@dataclass
+class LayerStep:
+    """One layer of one forward, as the replay's pool saw it."""
+
+    layer: int
+    tokens: int
+    experts_run: int = 0  # distinct experts the layer computed (lookups)
+    demand_loads: int = 0
+    prefetch_targets: list[int] = field(default_factory=list)  # one entry per prefetch
+
+
+@dataclass
+class TimelineResult:
+    seconds: float = 0.0
+    stall_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    loads: int = 0
+    tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+    @property
+    def stall_share(self) -> float:
+        return self.stall_seconds / self.seconds if self.seconds else 0.0
+
+
+def compute_seconds(cost: LayerCost, hardware: Hardware, tokens: int, experts_run: int) -> float:
+    read = cost.resident_bytes + experts_run * cost.expert_bytes
+    memory = read / (hardware.memory_gbps * 1e9)
+    arithmetic = tokens * cost.flops_per_token / (hardware.tflops * 1e12)
+    return max(memory, arithmetic) + hardware.layer_overhead_us * 1e-6
+
+
+def simulate(
+    forwards: list[list[LayerStep]],
+    costs: dict[int, LayerCost],
+    hardware: Hardware,
+    extra_seconds_per_forward: float = 0.0,
+) -> TimelineResult:
+    """Puts the replay's forwards on one clock; `extra_seconds_per_forward` (the non-MoE rest:
+    embeddings, head) is added to each forward's compute."""
+    result = TimelineResult()
+    clock = link_free = 0.0
+    landed: dict[int, float] = {}  # target layer -> when its last issued prefetch lands
+    for forward in forwards:
+        result.tokens += forward[0].tokens if forward else 0
+        for step in forward:
+            cost = costs[step.layer]
+            load = hardware.load_seconds(cost.expert_bytes)
+            start = clock
+            ready = landed.pop(step.layer, 0.0)
+            if step.demand_loads:
+                link_free = max(link_free, start) + step.demand_loads * load
+                ready = max(ready, link_free)
+            compute_start = max(start, ready)
+            for target in step.prefetch_targets:  # in issue order: the last one sets `landed`
+                link_free = max(link_free, compute_start) + load
+                landed[target] = link_free
+            compute = compute_seconds(cost, hardware, step.tokens, step.experts_run)
+            result.stall_seconds += compute_start - start
+            result.compute_seconds += compute
+            result.loads += step.demand_loads + len(step.prefetch_targets)
+            clock = compute_start + compute
+        clock += extra_seconds_per_forward
+        result.compute_seconds += extra_seconds_per_forward
+    result.seconds = clock
+    return result

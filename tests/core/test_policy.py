@@ -1,4 +1,7 @@
-"""The predictive policy: evict the expert expected to be needed again furthest ahead."""
+"""Eviction policies: the predictive one evicts the expert expected to be needed again furthest
+ahead; LRU's fast choice equals its full candidate list's first."""
+
+import pytest
 
 from vllm_expertflow.core.page_table import PageTable
 from vllm_expertflow.core.policy import PredictivePolicy
@@ -64,3 +67,43 @@ def test_a_prefetch_is_recent_but_not_a_use():
     assert policy.expected_wait((0, 1)) > policy.expected_wait((0, 0))
     # Not a turn of layer 0: layer 1 is still the one that ran last, so it runs again last.
     assert policy.expected_wait((1, 0)) > policy.expected_wait((0, 0))
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("num_slots", [7, 24, 60])
+def test_lru_picks_the_first_of_its_candidates_without_listing_them(seed, num_slots):
+    """The per-layer LRU choice equals the first slot of the full candidate list (the layer
+    share's rules in one scan), over random routing, wide steps and pins."""
+    import random
+
+    from vllm_expertflow.core.policy import LRUPolicy
+
+    rng = random.Random(seed)
+    layers, experts = 6, 16
+    policy = LRUPolicy(layer_share=max(1, num_slots // layers))
+    table = PageTable(num_slots, policy)
+    pinned: set[int] = set()
+    choices = 0
+    for _ in range(400):
+        layer = rng.randrange(layers)
+        for expert in rng.sample(range(experts), rng.choice([1, 2, 4, 7])):
+            key = (layer, expert)
+            slot = table.lookup(key)
+            if slot is not None:
+                table.touch(slot)
+                continue
+            if table.num_resident == num_slots:
+                evictable = lambda s: s not in pinned  # noqa: E731
+                expected = next(iter(policy.candidates(evictable, key)), None)
+                assert policy.choose_victim(evictable, key) == expected
+                choices += 1
+                if expected is None:
+                    continue
+            slot, _ = table.allocate(key)
+            if rng.random() < 0.2 and len(pinned) < num_slots - 1:
+                table.pin(slot)
+                pinned.add(slot)
+            elif pinned and rng.random() < 0.3:
+                freed = pinned.pop()
+                table.unpin(freed)
+    assert choices > 100

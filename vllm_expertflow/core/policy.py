@@ -45,22 +45,36 @@ class _RecencyOrder(EvictionPolicy):
     def __init__(self, layer_share: int | None = None) -> None:
         self.layer_share = layer_share
         self._order: OrderedDict[int, ExpertKey] = OrderedDict()
+        # The same order split by layer, with each slot's place in the whole (a stamp), so the
+        # LRU choice compares one candidate per layer instead of scanning every slot.
+        self._by_layer: dict[int, OrderedDict[int, None]] = {}
+        self._stamp: dict[int, int] = {}
+        self._clock = 0
 
     def record_access(self, slot: int, key: ExpertKey) -> None:
+        held = self._order.get(slot)
+        if held is not None and held[0] != key[0]:
+            del self._by_layer[held[0]][slot]
         self._order[slot] = key
         self._order.move_to_end(slot)
+        layer_order = self._by_layer.setdefault(key[0], OrderedDict())
+        layer_order[slot] = None
+        layer_order.move_to_end(slot)
+        self._clock += 1
+        self._stamp[slot] = self._clock
 
     def forget(self, slot: int) -> None:
-        self._order.pop(slot, None)
+        key = self._order.pop(slot, None)
+        if key is not None:
+            del self._by_layer[key[0]][slot]
+            del self._stamp[slot]
 
     def candidates(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> list[int]:
         """Evictable slots, oldest first, narrowed to what the layer share allows."""
         evictable = [s for s in self._order if is_evictable(s)]
         if self.layer_share is None:
             return evictable
-        per_layer: dict[int, int] = {}
-        for layer, _ in self._order.values():
-            per_layer[layer] = per_layer.get(layer, 0) + 1
+        per_layer = {layer: len(slots) for layer, slots in self._by_layer.items()}
         own = [s for s in evictable if self._order[s][0] == incoming[0]]
         # Layers that grew past their share (a wide batch) give slots back before a layer
         # still within its share loses any: otherwise the overflow evicts the layer run next.
@@ -81,7 +95,31 @@ class _RecencyOrder(EvictionPolicy):
 
 class LRUPolicy(_RecencyOrder):
     def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
-        return next(iter(self.candidates(is_evictable, incoming)), None)
+        """The first of `candidates`, found from each layer's oldest and newest evictable slot:
+        O(layers) per eviction where the list costs O(slots) (0.5 ms a miss at 1,536 slots)."""
+
+        def first(layer: int, newest: bool = False) -> int | None:
+            slots = self._by_layer[layer]
+            return next(
+                (s for s in (reversed(slots) if newest else slots) if is_evictable(s)), None
+            )
+
+        own_layer = incoming[0]
+        if self.layer_share is None:
+            return next((s for s in self._order if is_evictable(s)), None)
+        if len(self._by_layer.get(own_layer, ())) >= self.layer_share:
+            own = first(own_layer)
+            if own is not None:
+                return own
+        others = [layer for layer, slots in self._by_layer.items() if layer != own_layer and slots]
+        over = [first(layer) for layer in others if len(self._by_layer[layer]) > self.layer_share]
+        over = [s for s in over if s is not None]
+        if over:
+            return min(over, key=self._stamp.__getitem__)
+        newest = [s for s in (first(layer, newest=True) for layer in others) if s is not None]
+        if newest:
+            return first(self._order[max(newest, key=self._stamp.__getitem__)][0])
+        return first(own_layer) if own_layer in self._by_layer else None
 
 
 class LFUPolicy(_RecencyOrder):
@@ -165,19 +203,30 @@ class PredictivePolicy(_RecencyOrder):
 
     def expected_wait(self, key: ExpertKey) -> float:
         """Layer turns until `key` is expected to be needed again."""
+        place = {layer: i for i, layer in enumerate(self._layers)}
+        current = place[self._current] if self._current is not None else -1
+        return self._expected_wait(key, place, current)
+
+    def _expected_wait(self, key: ExpertKey, place: dict[int, int], current: int) -> float:
         layer, num_layers = key[0], len(self._layers)
         count, last = self._uses.get(key, (0.0, 0))
         p = min(1.0, self._decayed(count, last, self._turns[layer]) * self._DECAY_PER_TURN)
         p = max(p, 1e-3)  # never used lately is not never used again
         s = self._share.get(key, p)
-        current = self._layers.index(self._current) if self._current is not None else -1
-        distance = (self._layers.index(layer) - current) % num_layers
+        distance = (place[layer] - current) % num_layers
         return (distance or num_layers) + (1.0 - s) * num_layers / p
 
     def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
-        candidates = self.candidates(is_evictable, incoming)
-        # max() keeps the first of equals, and candidates run least recently used first.
-        return max(candidates, key=lambda s: self.expected_wait(self._order[s]), default=None)
+        # Each layer's place in the cycle once per choice, not once per slot.
+        place = {layer: i for i, layer in enumerate(self._layers)}
+        current = place[self._current] if self._current is not None else -1
+        best, best_wait = None, -1.0
+        for slot, key in self._order.items():  # least recently used first: it wins ties
+            if is_evictable(slot):
+                wait = self._expected_wait(key, place, current)
+                if wait > best_wait:
+                    best, best_wait = slot, wait
+        return best
 
     def _decayed(self, count: float, last: int, turn: int) -> float:
         return count * 0.5 ** ((turn - last) / self.HALF_LIFE)

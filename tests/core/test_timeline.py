@@ -2,19 +2,28 @@
 
 import pytest
 
-from vllm_expertflow.core.timeline import Hardware, LayerCost, LayerStep, simulate
+from vllm_expertflow.core.timeline import (
+    Hardware,
+    LayerCost,
+    LayerStep,
+    compute_seconds,
+    simulate,
+)
 
 # 1 GB/s and no latency: a 1 MB expert loads in 1 ms. Memory 1 GB/s: 1 MB read = 1 ms compute.
 HARDWARE = Hardware("test", 1.0, 0.0, 1, 1.0, 1e6, 80.0)
 COST = LayerCost(resident_bytes=0, expert_bytes=10**6, flops_per_token=1.0)
 MS = 1e-3
+LOAD = HARDWARE.load_seconds(COST.expert_bytes)
+
+
+def on_hardware(step: LayerStep) -> float:
+    return compute_seconds(COST, HARDWARE, step.tokens, step.experts_run)
 
 
 def test_demand_loads_stall_the_layer_for_their_whole_transfer():
     # One layer, two experts run, both missed: 2 ms of loads, then 2 ms of compute.
-    result = simulate(
-        [[LayerStep(0, tokens=1, experts_run=2, demand_loads=2)]], {0: COST}, HARDWARE
-    )
+    result = simulate([[LayerStep(0, tokens=1, experts_run=2, demand_loads=2)]], on_hardware, LOAD)
     assert result.stall_seconds == pytest.approx(2 * MS)
     assert result.seconds == pytest.approx(4 * MS)
     assert result.tokens_per_s == pytest.approx(250.0)
@@ -22,24 +31,22 @@ def test_demand_loads_stall_the_layer_for_their_whole_transfer():
 
 
 def test_a_prefetch_hidden_behind_compute_costs_nothing_and_a_late_one_stalls_the_rest():
-    costs = {0: COST, 1: COST}
     # Layer 0 runs 2 resident experts (2 ms) and prefetches one expert of layer 1 (1 ms): hidden.
     hidden = [[LayerStep(0, 1, 2, 0, [1]), LayerStep(1, 1, 1, 0)]]
-    result = simulate(hidden, costs, HARDWARE)
+    result = simulate(hidden, on_hardware, LOAD)
     assert result.stall_seconds == 0 and result.seconds == pytest.approx(3 * MS)
     # Three prefetches (3 ms) behind 2 ms of compute: layer 1 waits 1 ms.
     late = [[LayerStep(0, 1, 2, 0, [1, 1, 1]), LayerStep(1, 1, 1, 0)]]
-    result = simulate(late, costs, HARDWARE)
+    result = simulate(late, on_hardware, LOAD)
     assert result.stall_seconds == pytest.approx(1 * MS)
     assert result.seconds == pytest.approx(4 * MS)
 
 
 def test_demand_loads_queue_behind_prefetches_in_flight():
-    costs = {0: COST, 1: COST, 2: COST}
     # Layer 0 (1 ms compute) prefetches 3 experts of layer 2 (until 3 ms); layer 1 then misses
     # one expert: its load waits for the link (lands at 4 ms), so layer 1 stalls 3 ms.
     forward = [LayerStep(0, 1, 1, 0, [2, 2, 2]), LayerStep(1, 1, 1, 1), LayerStep(2, 1, 1, 0)]
-    result = simulate([forward], costs, HARDWARE)
+    result = simulate([forward], on_hardware, LOAD)
     assert result.stall_seconds == pytest.approx(3 * MS)
     assert result.seconds == pytest.approx(6 * MS)  # layer 1: 4-5 ms, layer 2: 5-6 ms
 

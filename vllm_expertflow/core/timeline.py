@@ -18,6 +18,7 @@ for the link. Attention over the KV cache is left out (short contexts).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -85,34 +86,34 @@ def compute_seconds(cost: LayerCost, hardware: Hardware, tokens: int, experts_ru
 
 def simulate(
     forwards: list[list[LayerStep]],
-    costs: dict[int, LayerCost],
-    hardware: Hardware,
+    compute: Callable[[LayerStep], float] | float,
+    load_seconds: float,
     extra_seconds_per_forward: float = 0.0,
 ) -> TimelineResult:
-    """Puts the replay's forwards on one clock; `extra_seconds_per_forward` (the non-MoE rest:
-    embeddings, head) is added to each forward's compute."""
+    """Puts the replay's forwards on one clock: `compute` gives a layer-step's compute time
+    (from hardware figures with `compute_seconds`), or is one measured time for every
+    layer-step; `load_seconds` is one expert's transfer; `extra_seconds_per_forward` (the
+    non-MoE rest: embeddings, head) is added to each forward's compute."""
     result = TimelineResult()
     clock = link_free = 0.0
     landed: dict[int, float] = {}  # target layer -> when its last issued prefetch lands
     for forward in forwards:
         result.tokens += forward[0].tokens if forward else 0
         for step in forward:
-            cost = costs[step.layer]
-            load = hardware.load_seconds(cost.expert_bytes)
             start = clock
             ready = landed.pop(step.layer, 0.0)
             if step.demand_loads:
-                link_free = max(link_free, start) + step.demand_loads * load
+                link_free = max(link_free, start) + step.demand_loads * load_seconds
                 ready = max(ready, link_free)
             compute_start = max(start, ready)
             for target in step.prefetch_targets:  # in issue order: the last one sets `landed`
-                link_free = max(link_free, compute_start) + load
+                link_free = max(link_free, compute_start) + load_seconds
                 landed[target] = link_free
-            compute = compute_seconds(cost, hardware, step.tokens, step.experts_run)
+            seconds = compute(step) if callable(compute) else compute
             result.stall_seconds += compute_start - start
-            result.compute_seconds += compute
+            result.compute_seconds += seconds
             result.loads += step.demand_loads + len(step.prefetch_targets)
-            clock = compute_start + compute
+            clock = compute_start + seconds
         clock += extra_seconds_per_forward
         result.compute_seconds += extra_seconds_per_forward
     result.seconds = clock

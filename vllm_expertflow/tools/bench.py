@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     # Read once: the limits and the offline replays both replay it.
     trace = read_trace(str(trace_dir)) if trace_dir.exists() else None
     if online and "stock" in policies:
-        add_limits(rows, trace, args.decode_tokens, load_seconds)
+        add_limits(rows, trace, args.decode_tokens, load_seconds, replay_specs(args, policies))
     offline = offline_rows(args, budgets, policies, trace) if trace is not None else []
     write_results(args, rows, offline)
     return 0
@@ -327,14 +327,23 @@ def generation_steps(tensors: dict, batch: int, decode_tokens: int) -> list[list
 
 
 def add_limits(
-    rows: list[dict], trace: tuple[dict, dict], decode_tokens: int, load_seconds: float
+    rows: list[dict],
+    trace: tuple[dict, dict],
+    decode_tokens: int,
+    load_seconds: float,
+    specs: dict[str, dict],
 ) -> None:
-    """Adds the physical limit and `limit_ratio` to every bf16 expertflow row.
+    """Adds the physical limit and `limit_ratio` to every bf16 expertflow row, and what `plan`'s
+    timeline predicts for the row from this run's own measurements (`planned_tokens_per_s`).
 
     Belady's loads are those of a generation run right after the same one (the measured runs
-    repeat the prompts), counted over its decode steps only, as decode time is measured.
+    repeat the prompts), counted over its decode steps only, as decode time is measured. The
+    planned figure replays the row's policy over the same steps and puts its loads on a clock:
+    stock's decode time split evenly over the MoE layers, and the measured load time per
+    expert on one queue (`core/timeline.py`).
     """
     from vllm_expertflow.core.replay import replay, slots_for_fraction
+    from vllm_expertflow.core.timeline import simulate
 
     manifest, tensors = trace
     stock = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["policy"] == "stock"}
@@ -358,16 +367,33 @@ def add_limits(
             expert_load_s=load_seconds,
             limit_ratio=row["decode_tokens_per_s"] / limit["limit_tokens_per_s"],
         )
+        if row["policy"] in specs:
+            generation = generation_steps(tensors, batch, decode_tokens)
+            slots = slots_for_fraction(budget, len(manifest["layers"]), manifest["num_experts"])
+            result = replay(
+                manifest,
+                tensors,
+                slots,
+                steps=generation * 2,
+                warm_steps=len(generation) + 1,
+                timeline=True,
+                **specs[row["policy"]],
+            )
+            layer_seconds = batch / stock[batch] / len(manifest["layers"])
+            planned = simulate(result.forwards, layer_seconds, load_seconds)
+            row.update(
+                planned_tokens_per_s=batch * decode_tokens / planned.seconds,
+                planned_stall_share=planned.stall_share,
+            )
 
 
-def offline_rows(args, budgets, policies, trace: tuple[dict, dict]) -> list[dict]:
-    """Replays of the recorded trace: loads per policy against Belady, and predictor recall."""
+def replay_specs(args, policies: list[str]) -> dict[str, dict]:
+    """`replay` arguments of the run's policies (and Belady's), each as the engine ran it; only
+    what the run asked for is loaded (a predictor or hot set for another model is not)."""
     from vllm_expertflow.core.checkpoint import load_gate_weights, routing_config_hash
-    from vllm_expertflow.core.predictor import GatePredictor, load_predictor, predictor_recall
-    from vllm_expertflow.core.replay import replay, replay_spec, slots_for_fraction
+    from vllm_expertflow.core.predictor import GatePredictor, load_predictor
+    from vllm_expertflow.core.replay import replay_spec
 
-    manifest, tensors = trace
-    # Only what the run asked for: a predictor or hot set for another model is not loaded.
     predictors = {}
     if "gate" in policies:
         predictors["gate"] = GatePredictor(load_gate_weights(str(args.model)), args.prefetch_depth)
@@ -382,6 +408,16 @@ def offline_rows(args, budgets, policies, trace: tuple[dict, dict]) -> list[dict
         specs["static"] = replay_spec("static", static_keys=hot)
     for name, predictor in predictors.items():
         specs[name] = replay_spec(name, predictor, prefetch_depth=args.prefetch_depth)
+    return specs
+
+
+def offline_rows(args, budgets, policies, trace: tuple[dict, dict]) -> list[dict]:
+    """Replays of the recorded trace: loads per policy against Belady, and predictor recall."""
+    from vllm_expertflow.core.predictor import predictor_recall
+    from vllm_expertflow.core.replay import replay, slots_for_fraction
+
+    manifest, tensors = trace
+    specs = replay_specs(args, policies)
     wanted = [p for p in specs if p in policies or p == "belady"]
     rows = []
     for budget in tqdm(budgets, desc="offline replays", unit="budget"):
@@ -399,10 +435,9 @@ def offline_rows(args, budgets, policies, trace: tuple[dict, dict]) -> list[dict
                 "loads_vs_belady": result.loads / floor,
                 "hit_rate": result.hit_rate,
             }
-            if policy in predictors:
-                recall, precision = predictor_recall(
-                    predictors[policy], tensors, 1, manifest["top_k"]
-                )
+            predictor = specs[policy].get("predictor")
+            if predictor is not None:
+                recall, precision = predictor_recall(predictor, tensors, 1, manifest["top_k"])
                 row.update(
                     next_layer_recall=recall,
                     prefetch_precision=result.prefetch_used / max(result.prefetch_issued, 1),
@@ -434,6 +469,8 @@ def write_results(args, rows: list[dict], offline: list[dict]) -> None:
             "expert_load_s": "s per expert load through the engine's store",
             "limit_tokens_per_s": "tokens/s",
             "limit_ratio": "decode_tokens_per_s / limit_tokens_per_s",
+            "planned_tokens_per_s": "tokens/s (`plan`'s timeline on this run's measurements)",
+            "planned_stall_share": "fraction of planned decode time waiting for loads",
         },
         "online": rows,
         "offline": offline,
@@ -450,8 +487,9 @@ def render_markdown(results: dict) -> str:
         f"Store: {results['store']}, {results['link']}. Command: `{results['command']}`",
         "",
         "| policy | experts | cache | batch | decode tok/s | vs stock | limit tok/s (bound) | "
-        "of limit | prefill tok/s | hit rate | misses | MiB read | stall s | prefetch precision |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "of limit | planned tok/s | prefill tok/s | hit rate | misses | MiB read | stall s | "
+        "prefetch precision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["online"]:
         mib = r.get("bytes_loaded", 0) / 2**20
@@ -459,6 +497,7 @@ def render_markdown(results: dict) -> str:
             f"| {r['policy']} | {r.get('format', 'bf16')} | {r['cache_fraction']} | {r['batch']} | "
             f"{r['decode_tokens_per_s']:.1f} | {r.get('decode_ratio_vs_stock', 0):.2f}x | "
             f"{_limit_cell(r)} | {r.get('limit_ratio', float('nan')):.2f} | "
+            f"{r.get('planned_tokens_per_s', float('nan')):.1f} | "
             f"{r['prefill_tokens_per_s']:.0f} | {r.get('hit_rate', 1.0):.3f} | "
             f"{r.get('misses', 0)} | {mib:.1f} | {r.get('stall_seconds', 0):.2f} | "
             f"{r.get('prefetch_precision', float('nan')):.2f} |"

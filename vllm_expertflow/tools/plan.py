@@ -35,7 +35,14 @@ from vllm_expertflow.core.replay import (
     replay_spec,
     slots_for_fraction,
 )
-from vllm_expertflow.core.timeline import Hardware, LayerCost, LayerStep, simulate
+from vllm_expertflow.core.timeline import (
+    Hardware,
+    LayerCost,
+    LayerStep,
+    TimelineResult,
+    compute_seconds,
+    simulate,
+)
 from vllm_expertflow.core.tracer import read_routing_npz, read_trace
 
 logger = logging.getLogger(__name__)
@@ -99,14 +106,17 @@ def run(args: argparse.Namespace) -> int:
     manifest, tensors = trace
     budgets = [float(b) for b in args.budgets.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    costs = {
-        layer: LayerCost(
-            footprint.moe_layer_resident_bytes,
-            footprint.expert_bytes,
-            footprint.moe_layer_flops_per_token,
-        )
-        for layer in manifest["layers"]
-    }
+    cost = LayerCost(
+        footprint.moe_layer_resident_bytes,
+        footprint.expert_bytes,
+        footprint.moe_layer_flops_per_token,
+    )
+
+    def on_hardware(step: LayerStep) -> float:
+        return compute_seconds(cost, hardware, step.tokens, step.experts_run)
+
+    load = hardware.load_seconds(footprint.expert_bytes)
+    rest = _rest_seconds(footprint, hardware)
     rows = []
     for batch in batches:
         steps = decode_batches(tensors["request_ids"], batch)
@@ -119,9 +129,7 @@ def run(args: argparse.Namespace) -> int:
             }
             floor = max(results["belady"].loads, 1)
             for policy, result in results.items():
-                timeline = simulate(
-                    result.forwards, costs, hardware, _rest_seconds(footprint, hardware)
-                )
+                timeline = simulate(result.forwards, on_hardware, load, rest)
                 rows.append(
                     {
                         "policy": policy,
@@ -137,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
                         "tokens_per_s": timeline.tokens_per_s if fits else None,
                     }
                 )
-        rows += _baselines(footprint, hardware, results["belady"].forwards, costs, batch)
+        resident = simulate(_without_loads(results["belady"].forwards), on_hardware, load, rest)
+        rows += _baselines(footprint, hardware, resident, len(steps), batch)
     write_results(args, hardware, footprint, rows)
     return 0
 
@@ -302,22 +311,23 @@ def _rest_seconds(footprint: ModelFootprint, hardware: Hardware) -> float:
     )
 
 
+def _without_loads(forwards: list[list[LayerStep]]) -> list[list[LayerStep]]:
+    return [[LayerStep(s.layer, s.tokens, s.experts_run) for s in forward] for forward in forwards]
+
+
 def _baselines(
     footprint: ModelFootprint,
     hardware: Hardware,
-    forwards: list[list[LayerStep]],
-    costs: dict[int, LayerCost],
+    resident: TimelineResult,
+    num_forwards: int,
     batch: int,
 ) -> list[dict]:
-    """All experts resident (no loads), and vLLM's --cpu-offload-gb: what does not fit stays
-    in host memory and crosses the link on every forward."""
-    no_loads = [
-        [LayerStep(s.layer, s.tokens, s.experts_run) for s in forward] for forward in forwards
-    ]
-    resident = simulate(no_loads, costs, hardware, _rest_seconds(footprint, hardware))
+    """All experts resident (`resident`: the trace's forwards without loads), and vLLM's
+    --cpu-offload-gb: what does not fit stays in host memory and crosses the link on every
+    forward."""
     total = footprint.weight_bytes_besides_experts + footprint.all_experts_bytes
     offloaded = max(0.0, total - _usable_bytes(hardware))
-    crossing = offloaded / (hardware.link_gbps * 1e9) * len(forwards)
+    crossing = offloaded / (hardware.link_gbps * 1e9) * num_forwards
     common = {"batch": batch, "hit_rate": None, "loads_vs_belady": None, "stall_share": None}
     return [
         {
@@ -335,7 +345,7 @@ def _baselines(
             "cache_fraction": None,
             "fits": True,
             "loads": None,
-            "bytes_moved": int(offloaded * len(forwards)),
+            "bytes_moved": int(offloaded * num_forwards),
             "tokens_per_s": resident.tokens / (resident.seconds + crossing),
         },
     ]

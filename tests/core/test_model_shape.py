@@ -1,35 +1,16 @@
 """A model's bytes and MoE layers from its config alone, checked against published sizes."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from vllm_expertflow.core.model_shape import ModelFootprint, MoEShape
 
-MIXTRAL_8X7B = {
-    "model_type": "mixtral",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 32000,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-}
-QWEN3_30B_A3B = {
-    "model_type": "qwen3_moe",
-    "hidden_size": 2048,
-    "intermediate_size": 6144,
-    "moe_intermediate_size": 768,
-    "num_hidden_layers": 48,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-    "head_dim": 128,
-    "vocab_size": 151936,
-    "num_experts": 128,
-    "num_experts_per_tok": 8,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-}
+# The fields of the published configs that size a model (examples/shapes/, used by `plan`).
+SHAPES = Path(__file__).resolve().parents[2] / "examples" / "shapes"
+MIXTRAL_8X7B = json.loads((SHAPES / "mixtral-8x7b.json").read_text())
+QWEN3_30B_A3B = json.loads((SHAPES / "qwen3-30b-a3b.json").read_text())
 
 
 @pytest.mark.parametrize(

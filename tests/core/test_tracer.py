@@ -61,3 +61,35 @@ def test_a_routing_file_round_trips_and_bad_ones_are_named(tmp_path):
     np.savez(tmp_path / "bad.npz", layers=[1, 3], topk_ids=np.zeros((4, 3, 2), np.int32))
     with pytest.raises(ValueError, match=r"topk_ids must be \[tokens, 2 layers, top-k\]"):
         read_routing_npz(str(tmp_path / "bad.npz"))
+
+
+def test_fitted_routing_keeps_the_source_order_and_gives_every_row_its_top_k():
+    from vllm_expertflow.core.tracer import fit_routing
+
+    g = torch.Generator().manual_seed(0)
+    manifest = {"layers": [0, 1, 2], "num_experts": 16, "top_k": 2}
+    tensors = {"request_ids": torch.zeros(50, dtype=torch.int64)}
+    for layer in manifest["layers"]:
+        tensors[f"topk_ids.{layer}"] = torch.stack(
+            [torch.randperm(16, generator=g)[:2] for _ in range(50)]
+        )
+
+    # Four times the experts, twice the top-k: layer i takes the first expert of source layers
+    # i .. i+3, each in its own quarter of the target's experts, so all 64 are in use.
+    wide, routed = fit_routing(manifest, tensors, num_layers=5, num_experts=64, top_k=4)
+    assert wide["layers"] == [0, 1, 2, 3, 4] and (wide["num_experts"], wide["top_k"]) == (64, 4)
+    used = set()
+    for i in range(5):
+        ids = routed[f"topk_ids.{i}"]
+        assert ids.shape == (50, 4) and all(len(set(row)) == 4 for row in ids.tolist())
+        for r in range(4):
+            source = tensors[f"topk_ids.{(i + r) % 3}"][:, 0]
+            assert torch.equal(ids[:, r], source + 16 * r)  # the router's first choice, in order
+        used |= set(ids.flatten().tolist())
+    assert len(used) > 48
+
+    # Fewer experts and a narrower top-k: folded, still distinct, still in range.
+    _, folded = fit_routing(manifest, tensors, num_layers=2, num_experts=4, top_k=2)
+    for ids in folded.values():
+        if ids.dim() == 2:
+            assert ids.max() < 4 and all(len(set(row)) == 2 for row in ids.tolist())

@@ -100,6 +100,15 @@ def test_a_shape_that_does_not_match_the_trace_is_refused_in_one_line(inputs, tm
     message = capsys.readouterr().out.strip()
     assert "\n" not in message and "give a trace (or .npz) of this model" in message
 
+    # --fit-trace maps the routing onto the shape; a predictor of the traced model cannot come.
+    fitted = tmp_path / "fitted"
+    assert plan(routing, config, fitted, "--hardware", "rtx4090", "--fit-trace") == 0
+    results = json.loads((fitted / "results.json").read_text())
+    assert {r["policy"] for r in results["rows"]} >= {"lru-ondemand", "belady"}
+    refused = ["--fit-trace", "--policies", "transition", "--predictor", str(routing)]
+    assert plan(routing, config, fitted, "--hardware", "rtx4090", *refused) == 2
+    assert "cannot run on a fitted trace" in capsys.readouterr().out
+
 
 def test_a_hardware_file_replaces_the_presets(inputs, tmp_path):
     routing, config = inputs

@@ -213,3 +213,65 @@ def read_routing_npz(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors = {f"topk_ids.{layer}": topk[:, i] for i, layer in enumerate(layers)}
     tensors["request_ids"] = requests
     return manifest, tensors
+
+
+def fit_routing(
+    manifest: dict, tensors: dict[str, torch.Tensor], num_layers: int, num_experts: int, top_k: int
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A trace's routing mapped onto another shape, to plan a model no trace exists for.
+
+    Target layer i draws on R source layers i, i+1, ... (cyclically), enough to cover its top-k
+    and its experts: from each, its first top-k / R ids in the router's order, offset so the
+    source layers stay apart. The ids are then spread over residue classes by layer where the
+    target has more experts than that, folded where it has fewer (a row keeps its first `top_k`
+    distinct ids; a row left short takes the next ids up). What carries over is the source's
+    skew per layer and its reuse from token to token, not its exact sets.
+    """
+    source = [int(layer) for layer in manifest["layers"]]
+    per_source, k_source = manifest["num_experts"], manifest["top_k"]
+    combined = max(-(-top_k // k_source), -(-num_experts // per_source))
+    taken = -(-top_k // combined)  # ids from each source layer
+    span = combined * per_source
+    out = {"request_ids": tensors["request_ids"]}
+    for i in range(num_layers):
+        ids = torch.cat(
+            [
+                tensors[f"topk_ids.{source[(i + r) % len(source)]}"][:, :taken].long()
+                + r * per_source
+                for r in range(combined)
+            ],
+            dim=1,
+        )
+        if num_experts >= span:
+            spread = num_experts // span
+            ids = ids * spread + i % spread
+        else:
+            ids = ids * num_experts // span
+        out[f"topk_ids.{i}"] = _first_distinct(ids, top_k, num_experts)
+    fitted = {
+        **manifest,
+        "layers": list(range(num_layers)),
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "fitted_from": {"layers": len(source), "num_experts": per_source, "top_k": k_source},
+    }
+    return fitted, out
+
+
+def _first_distinct(ids: torch.Tensor, k: int, num_experts: int) -> torch.Tensor:
+    """Each row's first `k` distinct values in order, topped up with the next ids up."""
+    width = ids.shape[1]
+    earlier = torch.ones(width, width, dtype=torch.bool).tril(-1)
+    repeated = ((ids.unsqueeze(2) == ids.unsqueeze(1)) & earlier).any(2)
+    order = (repeated.long() * width + torch.arange(width)).argsort(dim=1)
+    chosen = ids.gather(1, order[:, :k]).clone()
+    short = repeated.logical_not().sum(1) < k
+    for position in range(1, k):
+        for row in short.nonzero().flatten().tolist():
+            taken = set(chosen[row, :position].tolist())
+            if chosen[row, position].item() in taken:
+                candidate = chosen[row, position - 1].item()
+                while candidate in taken:
+                    candidate = (candidate + 1) % num_experts
+                chosen[row, position] = candidate
+    return chosen

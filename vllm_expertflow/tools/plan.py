@@ -43,7 +43,7 @@ from vllm_expertflow.core.timeline import (
     compute_seconds,
     simulate,
 )
-from vllm_expertflow.core.tracer import read_routing_npz, read_trace
+from vllm_expertflow.core.tracer import fit_routing, read_routing_npz, read_trace
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefetch-depth", type=int, default=1)
     parser.add_argument("--batches", default="1", help="decode batch sizes")
     parser.add_argument("--store-dir", type=Path, help="where `local` measures the disk")
+    parser.add_argument(
+        "--fit-trace",
+        action="store_true",
+        help="map a trace of another shape onto this model's (core/tracer.py: fit_routing)",
+    )
     parser.add_argument("--out", type=Path, required=True)
 
 
@@ -179,15 +184,23 @@ def _inputs(args: argparse.Namespace):
     manifest = trace[0]
     have = (len(manifest["layers"]), manifest["num_experts"], manifest["top_k"])
     want = (len(footprint.moe_layers), footprint.num_experts, footprint.top_k)
-    if have != want:
+    if have != want and not args.fit_trace:
         raise PlanError(
             "plan: the trace routes {} MoE layers x {} experts, top-{}; the model shape has {} x "
-            "{}, top-{}: give a trace (or .npz) of this model".format(*have, *want)
+            "{}, top-{}: give a trace (or .npz) of this model, or --fit-trace".format(*have, *want)
         )
     names = [p for p in args.policies.split(",") if p]
     unknown = [p for p in names if p not in POLICIES]
     if unknown:
         raise PlanError(f"plan: unknown policies {unknown}; valid: {', '.join(POLICIES)}")
+    if have != want:
+        predictive = [p for p in names if p in PREDICTIVE_POLICIES or p == "static"]
+        if predictive:
+            raise PlanError(
+                f"plan: {', '.join(predictive)} cannot run on a fitted trace (their predictor or "
+                "hot set belongs to the traced model); use lru-ondemand and belady"
+            )
+        trace = fit_routing(*trace, *want)
     return footprint, trace, _policies(args, names, trace), _hardware(args, footprint)
 
 

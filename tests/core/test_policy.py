@@ -107,3 +107,46 @@ def test_lru_picks_the_first_of_its_candidates_without_listing_them(seed, num_sl
                 freed = pinned.pop()
                 table.unpin(freed)
     assert choices > 100
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_predictive_choice_scores_every_slot_as_expected_wait_does(seed):
+    """The array scoring picks the evictable slot a loop over `expected_wait` would (the least
+    recently used of equals), through turns, prefetches, predictions, expiries and pins."""
+    import random
+
+    rng = random.Random(seed)
+    layers, experts, num_slots = [1, 3, 5, 7], 16, 20  # real layer ids, not positions
+    policy = PredictivePolicy()
+    table = PageTable(num_slots, policy)
+    pinned: set[int] = set()
+
+    def reference(evictable, key):
+        waits = [(policy.expected_wait(k), s) for s, k in policy._order.items() if evictable(s)]
+        best = max((w for w, _ in waits), default=None)
+        return next((s for w, s in waits if w == best), None)
+
+    choices = 0
+    for _ in range(150):
+        for layer in layers:
+            for expert, share in [(rng.randrange(experts), rng.random()) for _ in range(2)]:
+                if rng.random() < 0.3:
+                    policy.predict((layer, expert), share)
+            for expert in rng.sample(range(experts), rng.choice([1, 2, 3])):
+                key, prefetch = (layer, expert), rng.random() < 0.2
+                slot = table.lookup(key)
+                if slot is not None:
+                    table.touch(slot)
+                    continue
+                if table.num_resident == num_slots:
+                    evictable = lambda s: s not in pinned  # noqa: E731
+                    assert policy.choose_victim(evictable, key) == reference(evictable, key)
+                    choices += 1
+                slot, _ = table.allocate(key, prefetch=prefetch)
+                if rng.random() < 0.15 and len(pinned) < num_slots // 2:
+                    table.pin(slot)
+                    pinned.add(slot)
+                elif pinned and rng.random() < 0.3:
+                    table.unpin(pinned.pop())
+            policy.clear_predictions(layer)
+    assert choices > 200

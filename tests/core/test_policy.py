@@ -69,6 +69,26 @@ def test_a_prefetch_is_recent_but_not_a_use():
     assert policy.expected_wait((1, 0)) > policy.expected_wait((0, 0))
 
 
+def use_checking_evictions(table, key, rng, pinned: set[int], check, prefetch=False) -> int:
+    """One lookup: a hit is touched; a miss in a full pool first runs `check(evictable, key)`
+    (False: nothing could be evicted), then loads. Pins come and go at random, never all.
+    Returns 1 when an eviction was checked."""
+    slot = table.lookup(key)
+    if slot is not None:
+        table.touch(slot)
+        return 0
+    checked = int(table.num_resident == table.num_slots)
+    if checked and not check(lambda s: s not in pinned, key):
+        return checked
+    slot, _ = table.allocate(key, prefetch=prefetch)
+    if rng.random() < 0.2 and len(pinned) < table.num_slots // 2:
+        table.pin(slot)
+        pinned.add(slot)
+    elif pinned and rng.random() < 0.3:
+        table.unpin(pinned.pop())
+    return checked
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("num_slots", [7, 24, 60])
 def test_lru_picks_the_first_of_its_candidates_without_listing_them(seed, num_slots):
@@ -83,29 +103,17 @@ def test_lru_picks_the_first_of_its_candidates_without_listing_them(seed, num_sl
     policy = LRUPolicy(layer_share=max(1, num_slots // layers))
     table = PageTable(num_slots, policy)
     pinned: set[int] = set()
+
+    def check(evictable, key) -> bool:
+        expected = next(iter(policy.candidates(evictable, key)), None)
+        assert policy.choose_victim(evictable, key) == expected
+        return expected is not None
+
     choices = 0
     for _ in range(400):
         layer = rng.randrange(layers)
         for expert in rng.sample(range(experts), rng.choice([1, 2, 4, 7])):
-            key = (layer, expert)
-            slot = table.lookup(key)
-            if slot is not None:
-                table.touch(slot)
-                continue
-            if table.num_resident == num_slots:
-                evictable = lambda s: s not in pinned  # noqa: E731
-                expected = next(iter(policy.candidates(evictable, key)), None)
-                assert policy.choose_victim(evictable, key) == expected
-                choices += 1
-                if expected is None:
-                    continue
-            slot, _ = table.allocate(key)
-            if rng.random() < 0.2 and len(pinned) < num_slots - 1:
-                table.pin(slot)
-                pinned.add(slot)
-            elif pinned and rng.random() < 0.3:
-                freed = pinned.pop()
-                table.unpin(freed)
+            choices += use_checking_evictions(table, (layer, expert), rng, pinned, check)
     assert choices > 100
 
 
@@ -121,10 +129,11 @@ def test_predictive_choice_scores_every_slot_as_expected_wait_does(seed):
     table = PageTable(num_slots, policy)
     pinned: set[int] = set()
 
-    def reference(evictable, key):
+    def check(evictable, key) -> bool:
         waits = [(policy.expected_wait(k), s) for s, k in policy._order.items() if evictable(s)]
-        best = max((w for w, _ in waits), default=None)
-        return next((s for w, s in waits if w == best), None)
+        best = max(w for w, _ in waits)
+        assert policy.choose_victim(evictable, key) == next(s for w, s in waits if w == best)
+        return True
 
     choices = 0
     for _ in range(150):
@@ -133,20 +142,8 @@ def test_predictive_choice_scores_every_slot_as_expected_wait_does(seed):
                 if rng.random() < 0.3:
                     policy.predict((layer, expert), share)
             for expert in rng.sample(range(experts), rng.choice([1, 2, 3])):
-                key, prefetch = (layer, expert), rng.random() < 0.2
-                slot = table.lookup(key)
-                if slot is not None:
-                    table.touch(slot)
-                    continue
-                if table.num_resident == num_slots:
-                    evictable = lambda s: s not in pinned  # noqa: E731
-                    assert policy.choose_victim(evictable, key) == reference(evictable, key)
-                    choices += 1
-                slot, _ = table.allocate(key, prefetch=prefetch)
-                if rng.random() < 0.15 and len(pinned) < num_slots // 2:
-                    table.pin(slot)
-                    pinned.add(slot)
-                elif pinned and rng.random() < 0.3:
-                    table.unpin(pinned.pop())
+                choices += use_checking_evictions(
+                    table, (layer, expert), rng, pinned, check, prefetch=rng.random() < 0.2
+                )
             policy.clear_predictions(layer)
     assert choices > 200

@@ -20,6 +20,7 @@ Modes:
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,9 @@ class ReplayResult:
     per_layer: dict[int, LayerCounts] = field(default_factory=dict)
     # With `replay(..., timeline=True)`: each measured forward's layer-steps, for timeline.py.
     forwards: list[list[LayerStep]] = field(default_factory=list)
+    # Wall time of the measured forwards' steps: the step's own bookkeeping (page table,
+    # policy, pins, remap) without kernel or copies, as this machine runs it.
+    step_seconds: float = 0.0
 
     @property
     def loads(self) -> int:
@@ -74,7 +78,7 @@ class ReplayResult:
         out["loads"] = self.loads
         out["hit_rate"] = self.hit_rate
         out["per_layer"] = {str(k): asdict(v) for k, v in self.per_layer.items()}
-        del out["forwards"]
+        del out["forwards"], out["step_seconds"]  # not counts: the log, and a timing
         return out
 
 
@@ -338,6 +342,7 @@ def replay(
         prefetcher = Prefetcher(pool, recorded, depth, top_k, loads_per_layer=num_slots)
     step = HostStep(pool, lambda layer: _no_kernel, prefetcher)
     topk = {layer: tensors[f"topk_ids.{layer}"].long() for layer in layers}
+    step_seconds = 0.0
     for index in _progress(len(steps), f"replay {name or mode}", progress):
         if index == warm_steps:
             pool.stats = new_stats()  # what follows is what is measured
@@ -345,12 +350,17 @@ def replay(
         if prefetcher is not None:
             recorded.rows = rows
         no_hidden, no_weights = torch.zeros(len(rows), 1), torch.zeros(len(rows), top_k)
+        started = time.perf_counter()
         for position, layer in enumerate(layers):
             if timeline:
                 pool.stats.begin(layer, len(rows), new_forward=position == 0)
             step.run(layer, no_hidden, no_weights, topk[layer][rows])
+        if index >= warm_steps:
+            step_seconds += time.perf_counter() - started
     pool.close()
-    return _result(name or mode, num_slots, pool.stats)
+    result = _result(name or mode, num_slots, pool.stats)
+    result.step_seconds = step_seconds
+    return result
 
 
 def _no_kernel(

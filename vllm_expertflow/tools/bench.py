@@ -338,9 +338,10 @@ def add_limits(
 
     Belady's loads are those of a generation run right after the same one (the measured runs
     repeat the prompts), counted over its decode steps only, as decode time is measured. The
-    planned figure replays the row's policy over the same steps and puts its loads on a clock:
-    stock's decode time split evenly over the MoE layers, and the measured load time per
-    expert on one queue (`core/timeline.py`).
+    planned figure replays the row's policy over the same steps and puts its loads on a clock
+    (`core/timeline.py`): per layer-step, stock's decode time split evenly over the MoE layers
+    plus the plugin's own work (the step's bookkeeping, timed in that replay, and the
+    predictor's, timed on the run's rows); per load, the measured time through the store.
     """
     from vllm_expertflow.core.replay import replay, slots_for_fraction
     from vllm_expertflow.core.timeline import simulate
@@ -379,12 +380,55 @@ def add_limits(
                 timeline=True,
                 **specs[row["policy"]],
             )
-            layer_seconds = batch / stock[batch] / len(manifest["layers"])
+            layer_steps = sum(len(forward) for forward in result.forwards)
+            overhead = result.step_seconds / layer_steps
+            spec = specs[row["policy"]]
+            if spec.get("predictor") is not None:
+                overhead += predictor_seconds_per_layer(
+                    spec["predictor"], trace, generation[1], spec["prefetch_depth"]
+                )
+            layer_seconds = batch / stock[batch] / len(manifest["layers"]) + overhead
             planned = simulate(result.forwards, layer_seconds, load_seconds)
             row.update(
                 planned_tokens_per_s=batch * decode_tokens / planned.seconds,
                 planned_stall_share=planned.stall_share,
+                planned_overhead_s_per_layer=overhead,
             )
+
+
+def predictor_seconds_per_layer(
+    predictor, trace: tuple[dict, dict], rows: list[int], depth: int, repeats: int = 5
+) -> float:
+    """What the prefetcher's predictor costs a layer-step of `rows` on one thread, as the
+    engine's worker runs it: the scores of each depth up to `depth`, and their ranking."""
+    import torch
+
+    from vllm_expertflow.core.predictor import trace_context
+    from vllm_expertflow.core.prefetcher import rank_for_batch
+
+    manifest, tensors = trace
+    layers = [int(layer) for layer in manifest["layers"]]
+    inputs = {}
+    for layer in layers:
+        context = trace_context(tensors, layer) if predictor.context_inputs else {}
+        inputs[layer] = (
+            tensors[f"hidden.{layer}"][rows].float(),
+            tensors[f"topk_ids.{layer}"][rows].long(),
+            {name: c[rows] for name, c in context.items()} or None,
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for layer in layers:
+                for d in range(1, min(depth, predictor.max_depth) + 1):
+                    if predictor.target_layer(layer, d) is not None:
+                        scores = predictor.scores(layer, d, *inputs[layer])
+                        rank_for_batch(scores, manifest["top_k"])
+        return (time.perf_counter() - start) / (repeats * len(layers))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def replay_specs(args, policies: list[str]) -> dict[str, dict]:
@@ -471,6 +515,8 @@ def write_results(args, rows: list[dict], offline: list[dict]) -> None:
             "limit_ratio": "decode_tokens_per_s / limit_tokens_per_s",
             "planned_tokens_per_s": "tokens/s (`plan`'s timeline on this run's measurements)",
             "planned_stall_share": "fraction of planned decode time waiting for loads",
+            "planned_overhead_s_per_layer": "s: the step's bookkeeping (timed in the replay) "
+            "and the predictor (timed on the run's rows), added to stock's compute per layer",
         },
         "online": rows,
         "offline": offline,

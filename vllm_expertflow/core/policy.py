@@ -244,18 +244,15 @@ class PredictivePolicy(_RecencyOrder):
             self._turns[layer] = 0
 
     def expected_wait(self, key: ExpertKey) -> float:
-        """Layer turns until `key` is expected to be needed again."""
-        place = {layer: i for i, layer in enumerate(self._layers)}
-        current = place[self._current] if self._current is not None else -1
-        return self._expected_wait(key, place, current)
-
-    def _expected_wait(self, key: ExpertKey, place: dict[int, int], current: int) -> float:
+        """Layer turns until `key` is expected to be needed again (`choose_victim` scores every
+        slot with this arithmetic at once)."""
         layer, num_layers = key[0], len(self._layers)
         count, last = self._uses.get(key, (0.0, 0))
         p = min(1.0, self._decayed(count, last, self._turns[layer]) * self._DECAY_PER_TURN)
         p = max(p, 1e-3)  # never used lately is not never used again
         s = self._share.get(key, p)
-        distance = (place[layer] - current) % num_layers
+        current = self._layers.index(self._current) if self._current is not None else -1
+        distance = (self._layers.index(layer) - current) % num_layers
         return (distance or num_layers) + (1.0 - s) * num_layers / p
 
     def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_expertflow.core.files import write_text_atomically
+from vllm_expertflow.core.files import atomic_path, write_text_atomically
 from vllm_expertflow.core.model_shape import EXPERT_DTYPE_BYTES, ModelFootprint
 from vllm_expertflow.core.replay import (
     PREDICTIVE_POLICIES,
@@ -422,10 +422,9 @@ def _plot(rows: list[dict], hardware: Hardware, path: Path) -> None:
         ax.set_title(f"{hardware.name}, batch {batch}")
         ax.legend(fontsize=8)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    figure.savefig(tmp)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,12 @@
 
 import torch
 
+from vllm_expertflow.core.decode_scratch import DecodeScratch
 from vllm_expertflow.core.moe_step import GraphStep, HostStep
 from vllm_expertflow.core.policy import LRUPolicy
 from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.stats import OffloadStats
-from vllm_expertflow.core.store import RamStore
+from vllm_expertflow.core.store import ExpertCodec, RamStore, TensorSpec
 
 NUM_EXPERTS, HIDDEN, INTER, LAYERS = 8, 6, 4, (2, 5)
 
@@ -22,8 +23,8 @@ def silu_experts(x, w13, w2, topk_weights, experts_of_token):
     return out
 
 
-def slot_kernel(x, topk_weights, slot_ids, pool):
-    return silu_experts(x, pool.w13, pool.w2, topk_weights, slot_ids)
+def slot_kernel(x, topk_weights, slot_ids, weights):
+    return silu_experts(x, weights["w13"], weights["w2"], topk_weights, slot_ids)
 
 
 def paged_kernel(x, topk_ids, topk_weights, row, w13_pool, w2_pool, w13_host, w2_host):
@@ -59,10 +60,10 @@ def test_a_batch_wider_than_the_pool_runs_in_rounds_and_equals_the_dense_layer()
     pool, weights = make_pool(num_slots=3)
     calls = []
 
-    def counting_kernel(x, topk_weights, slot_ids, pool):
+    def counting_kernel(x, topk_weights, slot_ids, weights):
         calls.append(x.shape[0])
         assert slot_ids.unique().numel() <= 3
-        return slot_kernel(x, topk_weights, slot_ids, pool)
+        return slot_kernel(x, topk_weights, slot_ids, weights)
 
     step = HostStep(pool, lambda layer: counting_kernel, prefetcher=None)
     x, topk_weights, topk_ids = routing(num_tokens=10, seed=1)
@@ -101,3 +102,47 @@ def test_graph_step_reads_misses_from_the_store_and_loads_them_between_forwards(
     step.between_forwards()
     stats = pool.stats.layer(2)
     assert (stats.misses, stats.hits) == (2, 2)
+
+
+class HalvedCodec(ExpertCodec):
+    """Records hold each weight halved (`w13_half`, `w2_half`); decoding doubles them."""
+
+    def slot_specs(self, layout):
+        return tuple(
+            TensorSpec(part.name.removesuffix("_half"), part.shape, part.dtype)
+            for part in layout.parts
+        )
+
+    def decode(self, records, slots):
+        for name, out in slots.items():
+            torch.mul(records[f"{name}_half"], 2, out=out)
+
+
+def test_a_pool_of_stored_records_is_decoded_a_scratch_at_a_time_and_equals_the_dense_layer():
+    _, weights = make_pool(num_slots=5)
+    halved = RamStore(NUM_EXPERTS, pin_memory=False)
+    for layer in LAYERS:
+        halved.write_layer(layer, {f"{n}_half": w / 2 for n, w in weights[layer].items()})
+    halved.finish_writing()
+    pool = ExpertPool(halved, 5, torch.device("cpu"), LAYERS, LRUPolicy(), OffloadStats())
+    scratch = DecodeScratch(pool, HalvedCodec(), capacity=3)
+    calls = []
+
+    def counting_kernel(x, topk_weights, scratch_ids, tensors):
+        calls.append(scratch_ids.unique().numel())
+        assert tensors is scratch.tensors and scratch_ids.max() < 3
+        return slot_kernel(x, topk_weights, scratch_ids, tensors)
+
+    step = HostStep(pool, lambda layer: counting_kernel, prefetcher=None, scratch=scratch)
+    for num_tokens, seed in ((1, 0), (6, 1), (6, 2)):
+        x, topk_weights, topk_ids = routing(num_tokens, seed)
+        out = step.run(5, x, topk_weights, topk_ids)
+        dense = weights[5]
+        expected = silu_experts(x, dense["w13"], dense["w2"], topk_weights, topk_ids)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert max(calls) <= 3 and len(calls) > 3  # wide batches ran several scratch-fulls
+    assert pool.stats.layer(5).experts_decoded == sum(calls)
+    # The pool keeps the records as stored: halved weights, not the kernel's.
+    layer, expert = next(iter(pool.table.resident_keys()))
+    slot = pool.table.lookup((layer, expert))
+    assert torch.equal(pool.slot_tensors["w13_half"][slot], weights[layer]["w13"][expert] / 2)

@@ -107,10 +107,10 @@ class ScaledInt8Codec(ExpertCodec):
             TensorSpec("w2", parts["w2_codes"].shape, torch.float32),
         )
 
-    def decode(self, record, slot):
+    def decode(self, records, slots):
         self.threads.append(threading.current_thread().name)
-        slot["w13"].copy_(record["w13_codes"].float() * record["scale"])
-        slot["w2"].copy_(record["w2_codes"].float() * record["scale"])
+        slots["w13"].copy_(records["w13_codes"].float() * records["scale"])
+        slots["w2"].copy_(records["w2_codes"].float() * records["scale"])
 
 
 def int8_pool() -> tuple[ExpertPool, torch.Tensor, torch.Tensor]:

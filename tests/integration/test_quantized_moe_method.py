@@ -12,7 +12,6 @@ import shutil
 from argparse import Namespace
 
 import pytest
-import torch
 from conftest import MAX_NUM_BATCHED_TOKENS, QUANT_GROUP_SIZE
 
 import vllm_expertflow
@@ -140,28 +139,3 @@ def test_unsupported_quantized_experts_are_refused_in_one_line(quantized, tmp_pa
     (line,) = [line for line in str(error.value).splitlines() if "expertflow:" in line]
     assert "int4 weights with group scales (W4A16), got 4-bit channel" in line
     assert "vllm-expertflow quantize" in line
-
-
-def test_dequantize_packed_matches_the_quantization_formula():
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    from vllm_expertflow.integration.quantized_moe_method import dequantize_packed
-
-    rows, cols, group = 16, 128, 32
-    generator = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (rows, cols), generator=generator)
-    zeros = torch.randint(0, 16, (rows, cols // group), generator=generator)
-    scale = (torch.rand(rows, cols // group, generator=generator) + 0.1).to(torch.bfloat16)
-    # compressed-tensors stores signed int4 (-8..7); zero points packed along rows.
-    packed = pack_to_int32((codes - 8).to(torch.int8), 4)
-    packed_zeros = pack_to_int32((zeros - 8).to(torch.int8), 4, packed_dim=0)
-    args = QuantizationArgs(num_bits=4, strategy="group", group_size=group, symmetric=False)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
-
-    weight = dequantize_packed(scheme, (rows, cols), packed, scale, packed_zeros)
-
-    expected = (codes - zeros.repeat_interleave(group, dim=1)) * scale.float().repeat_interleave(
-        group, dim=1
-    )
-    torch.testing.assert_close(weight.float(), expected, rtol=1e-2, atol=1e-2)

@@ -6,6 +6,8 @@ import json
 import shutil
 from argparse import Namespace
 
+import torch
+
 from vllm_expertflow.tools import quantize
 from vllm_expertflow.tools.engine_runs import DEMO_MODEL
 
@@ -64,3 +66,28 @@ def test_a_missing_quantization_environment_names_the_fix(tmp_path, capsys, monk
     monkeypatch.setenv(quantize.QUANT_PYTHON_ENV, str(tmp_path / "no-python"))
     assert "run ./setup.sh" in refusal(args_for(tmp_path=tmp_path), capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_dequantize_packed_matches_the_quantization_formula():
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from vllm_expertflow.tools.quantize import dequantize_packed
+
+    rows, cols, group = 16, 128, 32
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (rows, cols), generator=generator)
+    zeros = torch.randint(0, 16, (rows, cols // group), generator=generator)
+    scale = (torch.rand(rows, cols // group, generator=generator) + 0.1).to(torch.bfloat16)
+    # compressed-tensors stores signed int4 (-8..7); zero points packed along rows.
+    packed = pack_to_int32((codes - 8).to(torch.int8), 4)
+    packed_zeros = pack_to_int32((zeros - 8).to(torch.int8), 4, packed_dim=0)
+    args = QuantizationArgs(num_bits=4, strategy="group", group_size=group, symmetric=False)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+
+    weight = dequantize_packed(scheme, (rows, cols), packed, scale, packed_zeros)
+
+    expected = (codes - zeros.repeat_interleave(group, dim=1)) * scale.float().repeat_interleave(
+        group, dim=1
+    )
+    torch.testing.assert_close(weight.float(), expected, rtol=1e-2, atol=1e-2)

@@ -16,6 +16,10 @@ PREDICTORS = ("none", "gate")
 # graph: a miss is read from the pinned host store inside the kernel; the host books lookups
 # and loads misses between steps, so a decode step has no host sync and fits a CUDA graph.
 STEPS = ("auto", "host", "graph")
+# What an int4 checkpoint's slots hold. bf16: each load is expanded into the kernel's layout
+# (a slot costs a bf16 expert). packed: the records as stored, ~3.7x the experts per byte, and
+# each kernel call's experts are expanded into a small scratch right before it.
+INT4_SLOTS = ("bf16", "packed")
 DEFAULT_CACHE_FRACTION = 0.5
 DEFAULT_STORE_DIR = os.path.join("~", ".cache", "vllm-expertflow", "stores")
 
@@ -37,6 +41,7 @@ class ExpertFlowConfig:
     link_gbps: float | None = None
     static_experts: str | None = None
     step: str = "auto"
+    int4_slots: str = "bf16"
 
     def __post_init__(self) -> None:
         sizes = [self.cache_fraction, self.cache_experts, self.cache_bytes]
@@ -66,6 +71,7 @@ class ExpertFlowConfig:
         _check_choice("store", self.store, STORES)
         _check_choice("policy", self.policy, tuple(POLICIES))
         _check_choice("step", self.step, STEPS)
+        _check_choice("int4_slots", self.int4_slots, INT4_SLOTS)
         if not isinstance(self.predictor, str) or not (
             self.predictor in PREDICTORS or self.predictor.endswith(".safetensors")
         ):
@@ -115,13 +121,23 @@ class ExpertFlowConfig:
             )
         return cls(**options)
 
-    def num_slots(self, num_layers: int, num_experts: int, top_k: int, slot_bytes: int) -> int:
-        """Slots in the shared pool; refuses a pool that cannot hold one token's experts."""
+    def num_slots(
+        self,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        slot_bytes: int,
+        reserved_bytes: int = 0,
+    ) -> int:
+        """Slots in the shared pool; refuses a pool that cannot hold one token's experts.
+
+        `reserved_bytes`: memory beside the slots that `cache_bytes` must also cover (the
+        decode scratch of a pool that keeps packed records)."""
         total = num_layers * num_experts
         if self.cache_experts is not None:
             slots = self.cache_experts
         elif self.cache_bytes is not None:
-            slots = self.cache_bytes // slot_bytes
+            slots = max(0, self.cache_bytes - reserved_bytes) // slot_bytes
         else:
             fraction = (
                 DEFAULT_CACHE_FRACTION if self.cache_fraction is None else self.cache_fraction
@@ -131,7 +147,7 @@ class ExpertFlowConfig:
             raise ExpertFlowConfigError(
                 f"expertflow: a cache of {slots} expert slots is smaller than the model's "
                 f"top-k of {top_k}; use cache_experts >= {top_k} "
-                f"(or cache_bytes >= {top_k * slot_bytes})"
+                f"(or cache_bytes >= {top_k * slot_bytes + reserved_bytes})"
             )
         return min(slots, total)
 

@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import load_gate_weights, routing_config_hash
 from .config import ExpertFlowConfig, ExpertFlowConfigError
+from .decode_scratch import DecodeScratch
 from .disk_store import DiskStore
 from .link import EmulatedLink
 from .moe_step import GraphStep, HostStep, MoEStep, PagedKernel, SlotKernel
@@ -35,6 +36,10 @@ from .store import ExpertCodec, ExpertStore, RamStore
 from .tracer import RoutingTracer
 
 logger = logging.getLogger(__name__)
+
+# A packed pool's decode scratch holds this many tokens' experts: one kernel call at batch 1,
+# a few per layer for larger batches (each expert decoded once per call that uses it).
+DECODE_SCRATCH_TOKENS = 2
 
 # make_store(num_experts, store_format) -> the backing store, opened by the first layer.
 StoreFactory = Callable[[int, str], ExpertStore]
@@ -213,10 +218,19 @@ class OffloadEngine:
         return self.previous_tokens.context(layer, hidden, output, self._rows_of(len(hidden)))
 
     def _build_pool(self) -> None:
-        layers = self.layers
-        slot_bytes = sum(spec.nbytes for spec in self.codec.slot_specs(self.store.layout))
+        layers, layout = self.layers, self.store.layout
+        # int4_slots=packed: slots keep the stored records; the step decodes them for the kernel.
+        packed = self.quantized and self.config.int4_slots == "packed"
+        pool_codec = ExpertCodec() if packed else self.codec
+        slot_bytes = sum(spec.nbytes for spec in pool_codec.slot_specs(layout))
+        scratch_slots = min(self.store.num_experts, DECODE_SCRATCH_TOKENS * self._top_k)
+        scratch_bytes = (
+            scratch_slots * sum(spec.nbytes for spec in self.codec.slot_specs(layout))
+            if packed
+            else 0
+        )
         num_slots = self.config.num_slots(
-            len(layers), self.store.num_experts, self._top_k, slot_bytes
+            len(layers), self.store.num_experts, self._top_k, slot_bytes, scratch_bytes
         )
         self.stats = OffloadStats()
         self.pool = None  # the old slots go before the new ones are allocated
@@ -228,15 +242,16 @@ class OffloadEngine:
             make_policy(self.config.policy, num_slots, len(layers)),
             self.stats,
             link=EmulatedLink(self.config.link_gbps) if self.config.link_gbps else None,
-            codec=self.codec,
+            codec=pool_codec,
         )
+        scratch = DecodeScratch(self.pool, self.codec, scratch_slots) if packed else None
         self.prefetcher = self._make_prefetcher()
         if self.step_kind == "graph":
             kernel, max_tokens = self._paged_kernel
             assert isinstance(self.store, RamStore), "the graph step reads a RAM store"
             self.step = GraphStep(self.pool, self.store, kernel, max_tokens)
         else:
-            self.step = HostStep(self.pool, self._kernels.__getitem__, self.prefetcher)
+            self.step = HostStep(self.pool, self._kernels.__getitem__, self.prefetcher, scratch)
         every_expert = [(layer, e) for layer in layers for e in range(self.store.num_experts)]
         if self.config.static_experts is not None:
             self.pool.pin_permanently(self._static_hot_set(num_slots))
@@ -247,7 +262,7 @@ class OffloadEngine:
         logger.info(
             "expertflow: %d expert slots for %d layers x %d experts (%.1f MiB pool, %.1f MiB "
             "of shared experts resident beside it, %.1f KiB read per load, %s store%s, policy "
-            "%s, predictor %s, %s step)",
+            "%s, predictor %s, %s step%s)",
             num_slots,
             len(layers),
             self.store.num_experts,
@@ -261,6 +276,10 @@ class OffloadEngine:
             self.config.policy,
             self.config.predictor,
             self.step_kind,
+            f", packed int4 slots decoded into a {scratch_bytes / 2**20:.1f} MiB scratch of "
+            f"{scratch_slots} experts per kernel call"
+            if packed
+            else "",
         )
 
     def _static_hot_set(self, num_slots: int) -> list[tuple[int, int]]:

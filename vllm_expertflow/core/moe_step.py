@@ -13,7 +13,10 @@ run these classes. The kernel is injected, so this file stays pure torch.
         |   [Prefetch]  Prefetcher.after_routing: predictors of router inputs queue layers      |
         |               L+1..L+d's likeliest experts, loaded in the background (one round only) |
         |   [Remap]     DevicePageTable.remap: router ids -> slot ids, one gather               |
-        |   [Kernel]    kernel(x, topk_weights, slot_ids, pool): vLLM's stock kernel on slots   |
+        |   [Decode]    (pools of stored records, e.g. packed int4) DecodeScratch.decode: the   |
+        |               round's slots decoded into a few kernel-layout slots; ids remapped      |
+        |   [Kernel]    kernel(x, topk_weights, slot_ids, weights): vLLM's stock kernel on the  |
+        |               pool's slot tensors (or the scratch's)                                  |
         |   [Release]   unpin the round's slots                                                 |
         |   [Prefetch]  Prefetcher.after_compute: predictors that read layer L's output         |
         +---------------------------------------------------------------------------------------+
@@ -34,18 +37,22 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
+from .decode_scratch import DecodeScratch
 from .pool import ExpertPool
 from .prefetcher import Prefetcher
 from .routing_log import RoutingLog
 from .step_plan import plan_rounds
 from .store import RamStore
 
-# kernel(x, topk_weights, slot_ids, pool) -> output: computes on pool.w13 / pool.w2.
-SlotKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertPool], torch.Tensor]
+# kernel(x, topk_weights, slot_ids, weights) -> output: computes on weights["w13"] / ["w2"]
+# (and the experts' biases, if any), each `[slots, ...]`, indexed by `slot_ids`.
+SlotKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor
+]
 # kernel(x, topk_ids, topk_weights, slot_of_expert, pool_w13, pool_w2, host_w13, host_w2).
 PagedKernel = Callable[..., torch.Tensor]
 
@@ -77,11 +84,14 @@ class HostStep(MoEStep):
         pool: ExpertPool,
         kernel_of: Callable[[int], SlotKernel],
         prefetcher: Prefetcher | None,
+        scratch: DecodeScratch | None = None,
     ) -> None:
-        """`kernel_of(layer)`: the kernel for that layer (layers may differ in activation)."""
+        """`kernel_of(layer)`: the kernel for that layer (layers may differ in activation);
+        `scratch`: where a pool that keeps records as stored has them decoded for the kernel."""
         super().__init__(pool)
         self.kernel_of = kernel_of
         self.prefetcher = prefetcher
+        self.scratch = scratch
 
     def run(
         self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
@@ -95,7 +105,8 @@ class HostStep(MoEStep):
         if self.pool.holds_every_expert:
             # Nothing can miss or be evicted: book the lookups, remap, compute.
             self.pool.stats.record_lookups(layer, topk_ids.unique().numel(), 0)
-            return kernel(x, topk_weights, self.pool.device_table.remap(layer, topk_ids), self.pool)
+            slot_ids = self.pool.device_table.remap(layer, topk_ids)
+            return self._compute(kernel, layer, x, topk_weights, slot_ids)
         # Counting hot-set experts against the free slots too is conservative but always fits.
         rounds = plan_rounds(topk_ids, self.pool.round_capacity)
         if len(rounds) == 1:
@@ -104,7 +115,7 @@ class HostStep(MoEStep):
             # After this layer's experts are pinned, so no prefetch can evict them.
             if self.prefetcher is not None:
                 self.prefetcher.after_routing(layer, x, topk_ids)
-            output = self._compute(kernel, layer, x, topk_weights, topk_ids, slots)
+            output = self._compute_pinned(kernel, layer, x, topk_weights, topk_ids, slots)
         else:
             # The layer alone oversubscribes the pool: no room to prefetch while it computes.
             output = torch.empty_like(x)
@@ -112,14 +123,14 @@ class HostStep(MoEStep):
             for tokens, experts in rounds:
                 slots = self.pool.ensure_resident(layer, experts, booked)
                 booked.update(experts)
-                output[tokens] = self._compute(
+                output[tokens] = self._compute_pinned(
                     kernel, layer, x[tokens], topk_weights[tokens], topk_ids[tokens], slots
                 )
         if self.prefetcher is not None:
             self.prefetcher.after_compute(layer, x, topk_ids, output)
         return output
 
-    def _compute(
+    def _compute_pinned(
         self,
         kernel: SlotKernel,
         layer: int,
@@ -128,10 +139,34 @@ class HostStep(MoEStep):
         topk_ids: torch.Tensor,
         slots: list[int],
     ) -> torch.Tensor:
+        """The kernel on pinned slots, released once it has run."""
         try:
-            return kernel(x, topk_weights, self.pool.device_table.remap(layer, topk_ids), self.pool)
+            slot_ids = self.pool.device_table.remap(layer, topk_ids)
+            return self._compute(kernel, layer, x, topk_weights, slot_ids)
         finally:
             self.pool.release(slots)
+
+    def _compute(
+        self,
+        kernel: SlotKernel,
+        layer: int,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        slot_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.scratch is None:
+            return kernel(x, topk_weights, slot_ids, self.pool.slot_tensors)
+        # Decoded a scratch-full at a time: whole tokens per call, as rounds are.
+        chunks = plan_rounds(slot_ids, self.scratch.capacity)
+        output = torch.empty_like(x) if len(chunks) > 1 else None
+        for tokens, _ in chunks:
+            rows = slice(None) if tokens is None else tokens
+            scratch_ids, weights = self.scratch.decode(layer, slot_ids[rows])
+            computed = kernel(x[rows], topk_weights[rows], scratch_ids, weights)
+            if output is None:
+                return computed
+            output[rows] = computed
+        return output
 
 
 class GraphStep(MoEStep):

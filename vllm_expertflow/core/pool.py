@@ -320,7 +320,7 @@ class ExpertPool:
         readers = self.io_threads + DEMAND_READERS if self._io is not None else 1
 
         def read_share(share: list[ExpertKey]) -> None:
-            scratch = {name: torch.empty_like(t[0]) for name, t in self.slot_tensors.items()}
+            scratch = {name: torch.empty_like(t[:1]) for name, t in self.slot_tensors.items()}
             for layer, expert in share:
                 self._read_into(layer, expert, scratch)
 
@@ -334,7 +334,9 @@ class ExpertPool:
 
     def _copy_in(self, layer: int, expert: int, slot: int) -> None:
         start = time.perf_counter()
-        self._read_into(layer, expert, {name: t[slot] for name, t in self.slot_tensors.items()})
+        self._read_into(
+            layer, expert, {name: t[slot : slot + 1] for name, t in self.slot_tensors.items()}
+        )
         # Queued behind the copy (same stream or thread): kernels see the slot once it holds
         # the expert, and read the store until then.
         self.device_table.set(layer, expert, slot)
@@ -343,8 +345,9 @@ class ExpertPool:
         self.mean_load_seconds = running_mean(self.mean_load_seconds, seconds)
 
     def _read_into(self, layer: int, expert: int, slot: dict[str, torch.Tensor]) -> None:
-        """One load: the store's read, expanded into one slot's tensors, through the emulated
-        link."""
-        self.codec.decode(self.store.read_expert(layer, expert), slot)
+        """One load: the store's read, decoded into one slot's tensors (`[1, ...]` each), through
+        the emulated link."""
+        record = self.store.read_expert(layer, expert)
+        self.codec.decode({name: t[None] for name, t in record.items()}, slot)
         if self.link is not None:
             self.link.transfer(self.store.layout.nbytes)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -364,6 +364,9 @@ def replay(
 
 
 def _no_kernel(
-    x: torch.Tensor, topk_weights: torch.Tensor, slot_ids: torch.Tensor, pool: ExpertPool
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    slot_ids: torch.Tensor,
+    weights: Mapping[str, torch.Tensor],
 ) -> torch.Tensor:
     return x

@@ -21,6 +21,9 @@ class LayerStats:
     prefetches_issued: int = 0
     prefetches_used: int = 0
     prefetches_wasted: int = 0
+    # Pools that keep records as stored (packed int4) decode each kernel call's experts.
+    experts_decoded: int = 0
+    decode_seconds: float = 0.0
 
     @property
     def lookups(self) -> int:
@@ -42,6 +45,11 @@ class LayerStats:
             f"load_seconds={self.load_seconds:.3f} stall_seconds={self.stall_seconds:.3f} "
             f"prefetches issued/used/wasted={self.prefetches_issued}/{self.prefetches_used}/"
             f"{self.prefetches_wasted}"
+            + (
+                f" decoded={self.experts_decoded} decode_seconds={self.decode_seconds:.3f}"
+                if self.experts_decoded
+                else ""
+            )
         )
 
 
@@ -69,6 +77,11 @@ class OffloadStats:
 
     def record_stall(self, layer: int, seconds: float) -> None:
         self.layer(layer).stall_seconds += seconds
+
+    def record_decode(self, layer: int, experts: int, seconds: float) -> None:
+        stats = self.layer(layer)
+        stats.experts_decoded += experts
+        stats.decode_seconds += seconds
 
     def record_prefetch(self, layer: int) -> None:
         self.layer(layer).prefetches_issued += 1

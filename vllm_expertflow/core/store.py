@@ -73,20 +73,21 @@ class ExpertLayout:
 
 
 class ExpertCodec:
-    """Turns a stored expert record into the pool's slot weights: here, a plain copy.
+    """Turns stored expert records into the kernel's slot weights: here, a plain copy.
 
-    Subclasses decode compressed records (e.g. int4 with group scales) so that a load moves the
-    stored bytes and the kernel still sees its own layout.
+    Subclasses decode compressed records (e.g. int4 with group scales), either as a load lands
+    in its slot or, when the pool keeps records as stored, into a scratch right before the kernel.
     """
 
     def slot_specs(self, layout: ExpertLayout) -> tuple[TensorSpec, ...]:
         """One slot's named tensors: `w13` and `w2`, and any others the kernel reads."""
         return layout.parts
 
-    def decode(self, record: dict[str, torch.Tensor], slot: dict[str, torch.Tensor]) -> None:
-        """Writes one expert into its slot's tensors (asynchronously on CUDA)."""
-        for name, out in slot.items():
-            out.copy_(record[name], non_blocking=True)
+    def decode(self, records: dict[str, torch.Tensor], slots: dict[str, torch.Tensor]) -> None:
+        """Writes n experts' records into n slots, every tensor `[n, ...]` (asynchronously on
+        CUDA)."""
+        for name, out in slots.items():
+            out.copy_(records[name], non_blocking=True)
 
 
 class ExpertStore(ABC):

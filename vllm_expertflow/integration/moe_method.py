@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.library import Library
@@ -39,7 +39,6 @@ from vllm.model_executor.utils import replace_parameter
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_expertflow.core.config import ExpertFlowConfigError
-from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.store import ExpertCodec
 
 from .engine_hooks import OffloadedModel, layer_index, loading_model
@@ -216,20 +215,22 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         x: torch.Tensor,
         topk_weights: torch.Tensor,
         slot_ids: torch.Tensor,
-        pool: ExpertPool,
+        weights: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
-        """The stock kernel on the pool's slots, router ids already remapped to slot ids."""
+        """The stock kernel on slot tensors (the pool's, or a decode scratch's), router ids
+        already remapped to their slot ids."""
         for name, bias in self.slot_biases.items():
-            bias.data = pool.slot_tensors[name]  # the pool may have been rebuilt since
+            bias.data = weights[name]  # the pool may have been rebuilt since
+        w13 = weights["w13"]
         return self.moe_kernel.apply(
             hidden_states=x,
-            w1=pool.w13,
-            w2=pool.w2,
+            w1=w13,
+            w2=weights["w2"],
             topk_weights=topk_weights,
             topk_ids=slot_ids,
             activation=layer.activation,
             apply_router_weight_on_input=layer.apply_router_weight_on_input,
-            global_num_experts=pool.num_slots,
+            global_num_experts=w13.shape[0],
             expert_map=None,
         )
 

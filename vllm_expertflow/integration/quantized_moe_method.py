@@ -16,8 +16,7 @@ import functools
 import logging
 
 import torch
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization import QuantizationArgs
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
 from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExperts
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
@@ -28,6 +27,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 )
 from vllm.model_executor.utils import replace_parameter
 
+from vllm_expertflow.core.int4 import Int4Packing
 from vllm_expertflow.core.store import ExpertCodec, ExpertLayout, TensorSpec
 
 from .moe_method import ExpertFlowMoEMethod
@@ -50,7 +50,7 @@ _SHAPE_PARAMS = ("w13_weight_shape", "w2_weight_shape")
 
 
 class PackedInt4Codec(ExpertCodec):
-    """Dequantises a pack-quantized expert record into the stock kernel's bf16 slot layout."""
+    """Decodes pack-quantized expert records into the stock bf16 kernel's slot layout."""
 
     def __init__(
         self,
@@ -60,7 +60,7 @@ class PackedInt4Codec(ExpertCodec):
         dtype: torch.dtype,
         bf16_method: ExpertFlowMoEMethod,
     ) -> None:
-        self.scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+        self.packing = Int4Packing(weights.group_size, weights.symmetric)
         self.w13_shape = (2 * intermediate_size, hidden_size)
         self.w2_shape = (hidden_size, intermediate_size)
         self.dtype = dtype
@@ -80,45 +80,26 @@ class PackedInt4Codec(ExpertCodec):
             )
         return self._slot_specs
 
-    def dequantize(self, record: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert's `w13: [2I, H]` and `w2: [H, I]` in the checkpoint's dtype."""
-        return self._dequantize(record, "w13", self.w13_shape), self._dequantize(
-            record, "w2", self.w2_shape
+    def dequantize(self, records: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """n experts' `w13: [n, 2I, H]` and `w2: [n, H, I]` in the checkpoint's dtype."""
+        return self._dequantize(records, "w13", self.w13_shape), self._dequantize(
+            records, "w2", self.w2_shape
         )
 
-    def decode(self, record: dict[str, torch.Tensor], slot: dict[str, torch.Tensor]) -> None:
-        w13, w2 = self.dequantize(record)
-        expanded = self.bf16_method.to_kernel_layout(w13[None], w2[None])
-        for name, out in slot.items():
-            out.copy_(expanded[name][0], non_blocking=True)
+    def decode(self, records: dict[str, torch.Tensor], slots: dict[str, torch.Tensor]) -> None:
+        w13, w2 = self.dequantize(records)
+        expanded = self.bf16_method.to_kernel_layout(w13, w2)
+        for name, out in slots.items():
+            out.copy_(expanded[name], non_blocking=True)
 
     def _dequantize(
-        self, record: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int]
+        self, records: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int]
     ) -> torch.Tensor:
-        return dequantize_packed(
-            self.scheme,
-            shape,
-            record[f"{prefix}_packed"],
-            record[f"{prefix}_scale"],
-            record.get(f"{prefix}_zero_point"),
-        ).to(self.dtype)
-
-
-def dequantize_packed(
-    scheme: QuantizationScheme,
-    shape: tuple[int, int],
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None,
-) -> torch.Tensor:
-    """A pack-quantized `[N, K]` weight in float, by compressed-tensors' own decompressor.
-
-    Groups run along K, so the fused gate/up rows of one expert decompress as one tensor.
-    """
-    state = {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor(shape)}
-    if zero_point is not None:
-        state["weight_zero_point"] = zero_point
-    return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+        packed = records[f"{prefix}_packed"]
+        out = torch.empty(packed.shape[0], *shape, dtype=self.dtype, device=packed.device)
+        return self.packing.dequantize(
+            packed, records[f"{prefix}_scale"], records.get(f"{prefix}_zero_point"), out
+        )
 
 
 class ExpertFlowWNA16MoEMethod(stock_wna16.CompressedTensorsWNA16MoEMethod):

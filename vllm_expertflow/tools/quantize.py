@@ -13,8 +13,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .quantize_oneshot import add_arguments
+
+if TYPE_CHECKING:  # torch loads only where a command needs it
+    import torch
+    from compressed_tensors.quantization import QuantizationScheme
 
 __all__ = ["add_arguments", "run", "quantization_python"]
 
@@ -98,12 +103,10 @@ def write_dequantized(quantized: Path, out: Path) -> None:
     """
     import shutil
 
-    import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from safetensors.torch import load_file, save_file
 
     from vllm_expertflow.core.files import atomic_path
-    from vllm_expertflow.integration.quantized_moe_method import dequantize_packed
 
     config = json.loads((quantized / "config.json").read_text())
     (group,) = config.pop("quantization_config")["config_groups"].values()
@@ -131,3 +134,21 @@ def write_dequantized(quantized: Path, out: Path) -> None:
                 shutil.copy(path, tmp / path.name)
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         save_file(dense, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def dequantize_packed(
+    scheme: QuantizationScheme,
+    shape: tuple[int, int],
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+) -> torch.Tensor:
+    """A pack-quantized `[N, K]` weight in float, by compressed-tensors' own decompressor: the
+    reference that serving's own unpacking (`core/int4.py`) is tested against, bit for bit."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    state = {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor(shape)}
+    if zero_point is not None:
+        state["weight_zero_point"] = zero_point
+    return PackedQuantizationCompressor.decompress(state, scheme)["weight"]

@@ -8,8 +8,9 @@ from typing import Any
 def get_stats(llm: Any) -> dict:
     """Cache statistics of an `LLM` built with `moe_backend="expertflow"`.
 
-    Returns `{"total": {...}, "layers": {layer: {...}}}` with hits, misses, lookups, hit_rate,
-    bytes_loaded and load_seconds, gathered from the worker process.
+    Returns `{"total": {...}, "layers": {layer: {...}}, "slots": N}` with hits, misses, lookups,
+    hit_rate, bytes_loaded, load_seconds (and, for packed int4 slots, experts_decoded and
+    decode_seconds) per layer and in total, and the pool's slot count, from the worker process.
     """
     return llm.collective_rpc("expertflow_stats")[0]
 

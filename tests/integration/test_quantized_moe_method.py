@@ -70,13 +70,28 @@ def test_greedy_tokens_match_stock_on_the_same_experts(
     with open_engine(
         "expertflow", options, model=out, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS
     ) as llm:
+        record = packed_record_bytes(demo_config, symmetric=method == "gptq")
         for size in ({"cache_fraction": 0.25}, {"cache_experts": top_k}):
-            vllm_expertflow.reconfigure(llm, {**store, **size})
-            outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
-            assert [list(o.outputs[0].token_ids) for o in outputs] == stock_tokens, size
-            total = vllm_expertflow.get_stats(llm)["total"]
-            record = packed_record_bytes(demo_config, symmetric=method == "gptq")
-            assert total["bytes_loaded"] == total["misses"] * record > 0
+            for int4_slots in ("bf16", "packed"):
+                options = {**store, **size, "int4_slots": int4_slots}
+                vllm_expertflow.reconfigure(llm, options)
+                outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
+                assert [list(o.outputs[0].token_ids) for o in outputs] == stock_tokens, options
+                total = vllm_expertflow.get_stats(llm)["total"]
+                assert total["bytes_loaded"] == total["misses"] * record > 0
+                assert (total["experts_decoded"] > 0) == (int4_slots == "packed")
+
+        # The same bytes hold several times the experts packed, the decode scratch included.
+        bf16_slot = 3 * demo_config["hidden_size"] * demo_config["moe_intermediate_size"] * 2
+        budget = 40 * bf16_slot
+        slots = {}
+        for int4_slots in ("bf16", "packed"):
+            vllm_expertflow.reconfigure(
+                llm, {**store, "cache_bytes": budget, "int4_slots": int4_slots}
+            )
+            slots[int4_slots] = vllm_expertflow.get_stats(llm)["slots"]
+        scratch = 2 * top_k * bf16_slot
+        assert slots == {"bf16": 40, "packed": (budget - scratch) // record}
 
     # A corrupt layer file of the packed store is rebuilt from the checkpoint, never used.
     (store_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -118,10 +133,12 @@ def test_a_mixtral_style_int4_checkpoint_is_served_with_stock_tokens(prompts, tm
         "expertflow", {"cache_fraction": 0.25, "store": "ram"}, model=out, **batch
     ) as llm:
         for size in ({"cache_fraction": 0.25}, {"cache_experts": top_k}):
-            vllm_expertflow.reconfigure(llm, {"store": "ram", **size})
-            outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
-            assert [list(o.outputs[0].token_ids) for o in outputs] == stock, size
-            assert vllm_expertflow.get_stats(llm)["total"]["misses"] > 0
+            for int4_slots in ("bf16", "packed"):
+                options = {"store": "ram", **size, "int4_slots": int4_slots}
+                vllm_expertflow.reconfigure(llm, options)
+                outputs = llm.generate(prompts, greedy_params(32), use_tqdm=False)
+                assert [list(o.outputs[0].token_ids) for o in outputs] == stock, options
+                assert vllm_expertflow.get_stats(llm)["total"]["misses"] > 0
 
 
 def test_unsupported_quantized_experts_are_refused_in_one_line(quantized, tmp_path):

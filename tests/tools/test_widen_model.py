@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from vllm_expertflow.core.checkpoint import load_gate_weights, routing_config_hash
 from vllm_expertflow.tools.tiny_moe import build_tiny_moe
-from vllm_expertflow.tools.widen_model import WidenError, widen_checkpoint
+from vllm_expertflow.tools.widen_model import WidenError, widen_checkpoint, widen_tensor
 
 FACTOR = 4
 
@@ -107,13 +107,16 @@ def test_refuses_when_the_disk_cannot_hold_it(
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_a_quantized_checkpoint(models: tuple[Path, Path], tmp_path: Path) -> None:
+def test_refuses_a_checkpoint_quantized_other_than_packed_int4(
+    models: tuple[Path, Path], tmp_path: Path
+) -> None:
     original, _ = models
     copy = tmp_path / "quantized"
     shutil.copytree(original, copy)
     config = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, "quantization_config": {}}))
-    with pytest.raises(WidenError, match="quantized"):
+    fp8 = {"format": "float-quantized", "config_groups": {"g": {"weights": {"num_bits": 8}}}}
+    (copy / "config.json").write_text(json.dumps({**config, "quantization_config": fp8}))
+    with pytest.raises(WidenError, match="quantized otherwise"):
         widen_checkpoint(copy, FACTOR, tmp_path / "out")
 
 
@@ -137,3 +140,56 @@ def test_agreement_compares_routing_only_where_both_models_were_fed_the_same_tok
     assert report["routing_decisions_identical"] == 2  # row 1 routed differently
     assert report["tokens_agreeing_before_the_first_difference"] == 1
     assert report["identical_generations"] == 0 and report["tokens"] == 3
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_widened_int4_expert_dequantizes_to_the_widened_dequantized_expert(symmetric):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from vllm_expertflow.core.int4 import Int4Packing
+
+    group, hidden, inter = 32, 64, 96
+    packing = Int4Packing(group, symmetric)
+    generator = torch.Generator().manual_seed(3)
+
+    def int4_projection(rows: int, cols: int) -> dict[str, torch.Tensor]:
+        codes = torch.randint(0, 16, (rows, cols), generator=generator)
+        tensors = {
+            "weight_packed": pack_to_int32((codes - 8).to(torch.int8), 4),
+            "weight_scale": (torch.rand(rows, cols // group, generator=generator) / 50).to(
+                torch.bfloat16
+            ),
+            "weight_shape": torch.tensor([rows, cols]),
+        }
+        if not symmetric:
+            zeros = torch.randint(0, 16, (rows, cols // group), generator=generator)
+            tensors["weight_zero_point"] = pack_to_int32((zeros - 8).to(torch.int8), 4, 0)
+        return tensors
+
+    def dequantized(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows, cols = tensors["weight_shape"].tolist()
+        out = torch.empty(rows, cols, dtype=torch.bfloat16)
+        zero_point = tensors.get("weight_zero_point")
+        return packing.dequantize(
+            tensors["weight_packed"], tensors["weight_scale"], zero_point, out
+        )
+
+    for projection, rows, cols in (("up_proj", inter, hidden), ("down_proj", hidden, inter)):
+        prefix = f"model.layers.0.mlp.experts.3.{projection}"
+        original = int4_projection(rows, cols)
+        widened = {
+            part: widen_tensor(f"{prefix}.{part}", tensor, FACTOR)
+            for part, tensor in original.items()
+        }
+        expected = widen_tensor(f"{prefix}.weight", dequantized(original), FACTOR)
+        assert torch.equal(dequantized(widened), expected), projection
+
+
+def test_zero_points_pack_as_compressed_tensors_packs_them():
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from vllm_expertflow.core.int4 import Int4Packing
+
+    zeros = torch.randint(0, 16, (20, 3))
+    expected = pack_to_int32((zeros - 8).to(torch.int8), 4, packed_dim=0)
+    assert torch.equal(Int4Packing.pack_zero_points(zeros), expected)

@@ -60,3 +60,16 @@ class Int4Packing:
         codes = (zero_point.unsqueeze(-2) >> shifts.view(-1, 1)) & 0xF  # [..., N/8, 8, G]
         *lead, words, per_word, groups = codes.shape
         return codes.reshape(*lead, words * per_word, groups)[..., :rows, :].to(torch.int8)
+
+    @staticmethod
+    def pack_zero_points(codes: torch.Tensor) -> torch.Tensor:
+        """`[N, G]` codes (0..15) -> `[ceil(N/8), G]` int32 words packed down the rows."""
+        rows, groups = codes.shape
+        padded = torch.zeros(
+            -(-rows // _CODES_PER_WORD) * _CODES_PER_WORD, groups, dtype=torch.int64
+        )
+        padded[:rows] = codes.to(torch.int64) & 0xF
+        shifts = torch.arange(0, 32, _BITS, dtype=torch.int64).view(-1, 1)
+        words = (padded.view(-1, _CODES_PER_WORD, groups) << shifts).sum(dim=1)
+        # Words are 32-bit two's complement: the top nibble's bit 31 is the sign.
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)

@@ -15,7 +15,8 @@ from .engine_hooks import offloaded_models
 
 class ExpertFlowWorkerExtension:
     def expertflow_stats(self) -> dict:
-        return self._expertflow_engine().stats.as_dict()
+        engine = self._expertflow_engine()
+        return {**engine.stats.as_dict(), "slots": engine.pool.num_slots}
 
     def expertflow_reconfigure(self, options: dict) -> None:
         self._expertflow_engine().reconfigure(options)

@@ -205,7 +205,8 @@ def run_expertflow(args, prompts, budgets, batches, online, trace_dir) -> tuple[
 
 
 def run_quantized(args, checkpoint: Path, prompts, budgets, batches) -> list[dict]:
-    """lru-ondemand on a quantized checkpoint, each budget as the bf16 experts' bytes."""
+    """lru-ondemand on a quantized checkpoint, each budget as the bf16 experts' bytes, with
+    slots expanded to bf16 on load and kept packed (format `...-packed`)."""
     import vllm_expertflow
 
     config = json.loads((checkpoint / "config.json").read_text())
@@ -215,15 +216,19 @@ def run_quantized(args, checkpoint: Path, prompts, budgets, batches) -> list[dic
     fmt = f"int{group['weights']['num_bits']}-{method}-g{group['weights']['group_size']}"
     bf16_bytes = bf16_expert_bytes(config)
     rows = []
-    sized = [(b, policy_options(args, "lru-ondemand", b, int(b * bf16_bytes))) for b in budgets]
+    sized = [
+        (budget, slots, policy_options(args, "lru-ondemand", budget, int(budget * bf16_bytes)))
+        for budget in budgets
+        for slots in ("bf16", "packed")
+    ]
     with open_engine(
-        "expertflow", sized[0][1], checkpoint, enforce_eager=False, enable_prefix_caching=False
+        "expertflow", sized[0][2], checkpoint, enforce_eager=False, enable_prefix_caching=False
     ) as llm:
-        for budget, options in tqdm(sized, desc=f"{fmt} budgets", unit="budget"):
-            vllm_expertflow.reconfigure(llm, options)
+        for budget, slots, options in tqdm(sized, desc=f"{fmt} budgets", unit="config"):
+            vllm_expertflow.reconfigure(llm, {**options, "int4_slots": slots})
             labels = {
                 "policy": "lru-ondemand",
-                "format": fmt,
+                "format": fmt if slots == "bf16" else f"{fmt}-packed",
                 "cache_fraction": budget,
                 "cache_bytes": options["cache_bytes"],
             }
@@ -276,8 +281,10 @@ def measure(llm, prompts: list[str], args, with_stats: bool) -> dict:
         "prefill_tokens_per_s": prompt_tokens / prefill_s,
     }
     if before is not None:
-        after = vllm_expertflow.get_stats(llm)["total"]
+        stats = vllm_expertflow.get_stats(llm)
+        after = stats["total"]
         delta = {k: after[k] - before[k] for k in after if k not in ("hit_rate",)}
+        row["slots"] = stats["slots"]
         prefetched = max(delta["prefetches_issued"], 1)
         row.update(
             delta,
@@ -532,20 +539,23 @@ def render_markdown(results: dict) -> str:
     lines = [
         f"Store: {results['store']}, {results['link']}. Command: `{results['command']}`",
         "",
-        "| policy | experts | cache | batch | decode tok/s | vs stock | limit tok/s (bound) | "
-        "of limit | planned tok/s | prefill tok/s | hit rate | misses | MiB read | stall s | "
-        "prefetch precision |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | experts | cache | slots | batch | decode tok/s | vs stock | "
+        "limit tok/s (bound) | of limit | planned tok/s | prefill tok/s | hit rate | misses | "
+        "MiB read | stall s | "
+        "decode s | prefetch precision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["online"]:
         mib = r.get("bytes_loaded", 0) / 2**20
         lines.append(
-            f"| {r['policy']} | {r.get('format', 'bf16')} | {r['cache_fraction']} | {r['batch']} | "
+            f"| {r['policy']} | {r.get('format', 'bf16')} | {r['cache_fraction']} | "
+            f"{r.get('slots', '')} | {r['batch']} | "
             f"{r['decode_tokens_per_s']:.1f} | {r.get('decode_ratio_vs_stock', 0):.2f}x | "
             f"{_limit_cell(r)} | {r.get('limit_ratio', float('nan')):.2f} | "
             f"{r.get('planned_tokens_per_s', float('nan')):.1f} | "
             f"{r['prefill_tokens_per_s']:.0f} | {r.get('hit_rate', 1.0):.3f} | "
             f"{r.get('misses', 0)} | {mib:.1f} | {r.get('stall_seconds', 0):.2f} | "
+            f"{r.get('decode_seconds', 0):.2f} | "
             f"{r.get('prefetch_precision', float('nan')):.2f} |"
         )
     if results["offline"]:

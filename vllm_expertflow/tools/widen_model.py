@@ -7,6 +7,12 @@ each hidden neuron appear N times; repeating down's columns N times and dividing
 those copies back to the original value. Router, attention, embeddings and shared experts are
 untouched, so routing (and every predictor trained on the original) stays valid: the config
 records `expertflow_widened_from`, which `routing_config_hash` reads.
+
+An int4 checkpoint (`vllm-expertflow quantize`) widens the same way without requantizing: its
+codes, zero points and group scales are repeated like the weights (down's groups run along the
+repeated columns, so every new group is a copy of an old one) and down's scales are divided
+by N. With a power-of-two N the widened model dequantizes to exactly the widened dequantized
+original.
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ from tqdm import tqdm
 
 from vllm_expertflow.core.checkpoint import WIDENED_FROM_KEY, routing_config_hash, tensor_bytes
 from vllm_expertflow.core.files import atomic_path, write_text_atomically
+from vllm_expertflow.core.int4 import Int4Packing
 
 logger = logging.getLogger(__name__)
 
-# Routed experts stored one tensor per projection: Qwen/DeepSeek/OLMoE names, then Mixtral's.
-_ROWS_REPEATED = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|w1|w3)\.weight$")
-_COLUMNS_REPEATED = re.compile(r"\.experts\.\d+\.(down_proj|w2)\.weight$")
+# Routed experts stored one tensor per projection: Qwen/DeepSeek/OLMoE names, then Mixtral's;
+# a bf16 `weight`, or int4's packed codes, group scales, zero points and logical shape.
+_PARTS = r"\.(weight|weight_packed|weight_scale|weight_zero_point|weight_shape)$"
+_ROWS_REPEATED = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|w1|w3)" + _PARTS)
+_COLUMNS_REPEATED = re.compile(r"\.experts\.\d+\.(down_proj|w2)" + _PARTS)
 
 
 class WidenError(ValueError):
@@ -77,12 +86,31 @@ def expert_size_key(config: dict) -> str:
 
 def widen_tensor(name: str, tensor: torch.Tensor, factor: int) -> torch.Tensor:
     """The tensor of the widened model under `name`: routed-expert projections widened."""
-    if _ROWS_REPEATED.search(name):
+    rows = _ROWS_REPEATED.search(name)
+    columns = _COLUMNS_REPEATED.search(name)
+    if not (rows or columns):
+        return tensor
+    part = (rows or columns).group(2)
+    if part == "weight_shape":
+        return tensor * torch.tensor([factor, 1] if rows else [1, factor], dtype=tensor.dtype)
+    if part == "weight_zero_point":
+        # Packed eight rows per word: unpacked, widened like the scales, packed again.
+        zero_points = Int4Packing.unpack_zero_points(tensor, tensor.shape[0] * 8)
+        widened = zero_points.repeat(factor, 1) if rows else zero_points.repeat(1, factor)
+        return Int4Packing.pack_zero_points(widened)
+    if rows:
         return tensor.repeat(factor, 1)
-    if _COLUMNS_REPEATED.search(name):
+    if part in ("weight", "weight_scale"):
         # Divide in float32, then round once: a power-of-two factor is exact in bf16.
         return (tensor.float().repeat(1, factor) / factor).to(tensor.dtype)
-    return tensor
+    return tensor.repeat(1, factor)  # packed codes: whole words, as the row length is a multiple
+
+
+def _is_packed_int4(quantization: dict) -> bool:
+    groups = quantization.get("config_groups") or {}
+    return quantization.get("format") == "pack-quantized" and all(
+        (group.get("weights") or {}).get("num_bits") == 4 for group in groups.values()
+    )
 
 
 def widen_checkpoint(model_dir: Path, factor: int, out: Path) -> Path:
@@ -90,10 +118,12 @@ def widen_checkpoint(model_dir: Path, factor: int, out: Path) -> Path:
     if factor < 1:
         raise WidenError(f"expertflow: --factor must be 1 or more, got {factor}")
     config = json.loads((model_dir / "config.json").read_text())
-    if "quantization_config" in config:
+    quantization = config.get("quantization_config")
+    if quantization is not None and not _is_packed_int4(quantization):
         raise WidenError(
-            f"expertflow: widen-model needs a bf16/fp16 checkpoint; {model_dir} is quantized "
-            "(widen the unquantized model, then run `vllm-expertflow quantize` on the result)"
+            f"expertflow: widen-model reads bf16/fp16 checkpoints and int4 ones written by "
+            f"`vllm-expertflow quantize`; {model_dir} is quantized otherwise (widen the "
+            "unquantized model, then quantize the result)"
         )
     size_key = expert_size_key(config)
     shards = sorted(model_dir.glob("*.safetensors"))

@@ -36,21 +36,33 @@ class Int4Packing:
         zero_point: torch.Tensor | None,
         out: torch.Tensor,
     ) -> torch.Tensor:
-        """Writes the `[..., N, K]` weight of `packed` (leading dims, e.g. experts) into `out`."""
+        """Writes the `[..., N, K]` weight of `packed` (leading dims, e.g. experts) into `out`,
+        which must have the scale's dtype.
+
+        Computed in place in `out`, a few passes over it: the codes are converted straight into
+        it (even and odd positions), offset, then scaled per group. Temporaries stay at a byte
+        per two codes, so a big batch does not fault in fresh pages for every step.
+        """
         *lead, rows, cols = out.shape
         groups = cols // self.group_size
         assert packed.dtype == torch.int32 and packed.shape[-1] * _CODES_PER_WORD == cols
+        assert out.dtype == scale.dtype, "codes are offset and scaled in the scale's dtype"
         # Little-endian words: byte j holds codes 2j (low nibble) and 2j + 1 (high nibble).
         packed_bytes = packed.contiguous().view(torch.uint8)
-        codes = torch.stack((packed_bytes & 0xF, packed_bytes >> _BITS), dim=-1)
-        codes = codes.view(*lead, rows, groups, self.group_size).view(torch.int8)
+        code_pairs = out.view(*lead, rows, cols // 2, 2)
+        nibbles = packed_bytes & 0xF
+        code_pairs[..., 0].copy_(nibbles)
+        torch.bitwise_right_shift(packed_bytes, _BITS, out=nibbles)
+        code_pairs[..., 1].copy_(nibbles)
+        grouped = out.view(*lead, rows, groups, self.group_size)
+        # Small integers, so these are exact in any float type: one rounding, in the multiply.
         if self.symmetric:
-            codes -= _CODE_OFFSET
+            out.sub_(_CODE_OFFSET)
         else:
             assert zero_point is not None, "an asymmetric scheme has zero points"
-            codes -= self.unpack_zero_points(zero_point, rows).unsqueeze(-1)
-        grouped = out.view(*lead, rows, groups, self.group_size)
-        torch.mul(codes.to(scale.dtype), scale.unsqueeze(-1), out=grouped)
+            zeros = self.unpack_zero_points(zero_point, rows).to(out.dtype)
+            grouped.sub_(zeros.unsqueeze(-1))
+        grouped.mul_(scale.unsqueeze(-1))
         return out
 
     @staticmethod

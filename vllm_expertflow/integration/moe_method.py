@@ -28,6 +28,7 @@ from vllm.model_executor.layers.fused_moe.config import (
     FusedMoEQuantConfig,
     biased_moe_quant_config,
 )
+from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
     convert_to_unquantized_kernel_format,
 )
@@ -59,6 +60,7 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         super().__init__(dataclasses.replace(moe, moe_backend="auto"))
         self.offloaded = loading_model()
         self.layer_index = -1
+        self._in_place_prepack: bool | None = None  # decided on the first write
         # The kernel indexes expert biases by the ids it is given, slot ids here: it reads
         # these, which `_slot_kernel` binds to the pool's slot biases before each call.
         if moe.has_bias:
@@ -178,6 +180,39 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
             for name, chunk_parts in parts.items():
                 chunk_parts.append(getattr(chunk, _PARAM_OF.get(name, name)).data)
         return {name: torch.cat(chunk_parts) for name, chunk_parts in parts.items()}
+
+    def write_kernel_layout(
+        self, w13: torch.Tensor, w2: torch.Tensor, out: dict[str, torch.Tensor]
+    ) -> None:
+        """Writes experts in checkpoint layout (`w13: [n, 2I, H]`, `w2: [n, H, I]`) into
+        kernel-layout tensors `out` (`[n, ...]` each: slots, or a decode scratch).
+
+        Where the stock conversion is only the CPU kernel's prepacking (no padding, no
+        zentorch), that op writes straight into `out`, with no converted copy to allocate and
+        copy over; checked once against `to_kernel_layout`, which is used otherwise.
+        """
+        if self._in_place_prepack is None:
+            self._in_place_prepack = self._prepacks_in_place(w13[:1], w2[:1])
+        if self._in_place_prepack:
+            isa = self.moe_kernel.fused_experts.isa
+            torch.ops._C.prepack_moe_weight(w13, out["w13"], isa)
+            torch.ops._C.prepack_moe_weight(w2, out["w2"], isa)
+            return
+        expanded = self.to_kernel_layout(w13, w2)
+        for name, tensor in out.items():
+            tensor.copy_(expanded[name], non_blocking=True)
+
+    def _prepacks_in_place(self, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+        experts = self.moe_kernel.fused_experts
+        if not isinstance(experts, CPUUnquantizedExperts) or w13.device.type != "cpu":
+            return False
+        expected = self.to_kernel_layout(w13, w2)
+        if getattr(experts, "_use_zentorch", False) or expected["w13"].shape != w13.shape:
+            return False
+        converted = {name: torch.empty_like(t) for name, t in expected.items()}
+        torch.ops._C.prepack_moe_weight(w13.contiguous(), converted["w13"], experts.isa)
+        torch.ops._C.prepack_moe_weight(w2.contiguous(), converted["w2"], experts.isa)
+        return all(torch.equal(converted[name], expected[name]) for name in expected)
 
     def apply(
         self,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs
@@ -66,6 +67,7 @@ class PackedInt4Codec(ExpertCodec):
         self.dtype = dtype
         self.bf16_method = bf16_method
         self._slot_specs: tuple[TensorSpec, ...] | None = None
+        self._buffers = threading.local()
 
     def slot_specs(self, layout: ExpertLayout) -> tuple[TensorSpec, ...]:
         if self._slot_specs is None:
@@ -81,25 +83,37 @@ class PackedInt4Codec(ExpertCodec):
         return self._slot_specs
 
     def dequantize(self, records: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """n experts' `w13: [n, 2I, H]` and `w2: [n, H, I]` in the checkpoint's dtype."""
+        """n experts' `w13: [n, 2I, H]` and `w2: [n, H, I]` in the checkpoint's dtype, in this
+        thread's work buffers (valid until its next call)."""
         return self._dequantize(records, "w13", self.w13_shape), self._dequantize(
             records, "w2", self.w2_shape
         )
 
     def decode(self, records: dict[str, torch.Tensor], slots: dict[str, torch.Tensor]) -> None:
         w13, w2 = self.dequantize(records)
-        expanded = self.bf16_method.to_kernel_layout(w13, w2)
-        for name, out in slots.items():
-            out.copy_(expanded[name], non_blocking=True)
+        self.bf16_method.write_kernel_layout(w13, w2, slots)
 
     def _dequantize(
         self, records: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int]
     ) -> torch.Tensor:
-        packed = records[f"{prefix}_packed"]
-        out = torch.empty(packed.shape[0], *shape, dtype=self.dtype, device=packed.device)
-        return self.packing.dequantize(
-            packed, records[f"{prefix}_scale"], records.get(f"{prefix}_zero_point"), out
-        )
+        packed, scale = records[f"{prefix}_packed"], records[f"{prefix}_scale"]
+        dense = self._work_buffer(prefix, (packed.shape[0], *shape), scale.dtype, packed.device)
+        self.packing.dequantize(packed, scale, records.get(f"{prefix}_zero_point"), dense)
+        return dense.to(self.dtype)
+
+    def _work_buffer(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A buffer kept per thread (loads decode on several I/O threads at once): a fresh
+        multi-MiB tensor per step would fault in new pages every time."""
+        buffers = self._buffers.__dict__
+        buffer = buffers.get(name)
+        if buffer is None or buffer.shape[0] < shape[0] or buffer.device != device:
+            # A normal tensor even when first asked for inside a forward: loads outside one
+            # (pool rebuilds) write it too, which an inference tensor refuses.
+            with torch.inference_mode(False):
+                buffer = buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer[: shape[0]]
 
 
 class ExpertFlowWNA16MoEMethod(stock_wna16.CompressedTensorsWNA16MoEMethod):

@@ -23,6 +23,7 @@ def test_defaults_are_valid():
         ({"cache_fraction": 0.5, "cache_experts": 8}, "not several"),
         ({"cache_bytes": 2**20, "cache_experts": 8}, "not several"),
         ({"step": "eager"}, "step"),
+        ({"int4_slots": "int8"}, "int4_slots"),
         ({"step": "graph", "store": "disk"}, "store=ram"),
         ({"step": "graph", "predictor": "gate"}, "predictor=none"),
     ],
@@ -54,6 +55,14 @@ def test_cache_smaller_than_top_k_is_refused():
         ExpertFlowConfig(cache_experts=3).num_slots(6, 32, 4, 1000)
     with pytest.raises(ExpertFlowConfigError, match="cache_bytes >= 4000"):
         ExpertFlowConfig(cache_bytes=3999).num_slots(6, 32, 4, 1000)
+
+
+def test_cache_bytes_cover_the_decode_scratch_beside_the_slots():
+    # A packed int4 pool: 250-byte slots, and a 2,000-byte scratch the same budget pays for.
+    assert ExpertFlowConfig(cache_bytes=10_000).num_slots(6, 32, 4, 250, 2_000) == 32
+    assert ExpertFlowConfig(cache_fraction=0.25).num_slots(6, 32, 4, 250, 2_000) == 48
+    with pytest.raises(ExpertFlowConfigError, match="cache_bytes >= 3000"):
+        ExpertFlowConfig(cache_bytes=2_999).num_slots(6, 32, 4, 250, 2_000)
 
 
 def test_auto_step_takes_the_graph_step_only_where_it_can_run(monkeypatch):

@@ -1,13 +1,14 @@
 """Int4 (compressed-tensors W4A16, from GPTQ or AWQ) experts served with offloading.
 
 The store keeps each expert packed: int4 weights with their group scales (and zero points for
-asymmetric schemes), so a load reads about a quarter of bf16's bytes. On load the codec
-dequantises the expert with compressed-tensors' own unpacking and converts it to the stock
-bf16 kernel's layout in its slot; from there a step is exactly the unquantized one.
+asymmetric schemes), so a load reads about a quarter of bf16's bytes. The codec expands a
+record with this project's unpacking (`core/int4.py`, bit for bit compressed-tensors') into
+the stock bf16 kernel's layout, either on load into a bf16 slot (`int4_slots=bf16`) or, when
+slots keep records packed (`int4_slots=packed`), into the step's decode scratch right before
+each kernel call; from there a step is exactly the unquantized one.
 
-vLLM's packed int4 CPU MoE kernel (`CPUExpertsInt4`) needs AMX tiles, and no GPU int4 path
-is wired to the pool yet, so slots always hold dequantised bf16: the pool holds as many experts
-per byte as a bf16 model's, and the saving is in bytes moved per load.
+vLLM's packed int4 CPU MoE kernel (`CPUExpertsInt4`) needs AMX tiles, and no GPU int4 kernel is
+wired to the pool yet, so the kernel always reads expanded bf16 weights.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class ExpertFlowWNA16MoEMethod(stock_wna16.CompressedTensorsWNA16MoEMethod):
             self.bf16_method,
         )
         scheme = "sym" if self.symmetric else "asym"
-        store_format = f"int4 {scheme} group {self.group_size}, dequantised on load"
+        store_format = f"int4 {scheme} group {self.group_size}, packed"
         device = self.bf16_method.register_layer(
             layer, num_experts, extra_weight_attrs, codec, store_format
         )

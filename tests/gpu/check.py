@@ -55,6 +55,7 @@ from vllm_expertflow.kernels.fused_moe_uva import (  # noqa: E402
 )
 
 from vllm_expertflow.core.device_page_table import DevicePageTable  # noqa: E402
+from vllm_expertflow.core.int4 import Int4Packing  # noqa: E402
 from vllm_expertflow.core.moe_step import GraphStep  # noqa: E402
 from vllm_expertflow.core.policy import LRUPolicy  # noqa: E402
 from vllm_expertflow.core.pool import ExpertPool  # noqa: E402
@@ -164,11 +165,50 @@ def check_fused_moe_graph(device: torch.device, gen: torch.Generator) -> None:
     _expect(_close(out, fused_moe_uva_reference(*args)), "fused_moe_uva replayed after remap")
 
 
+def check_int4_unpack(device: torch.device, gen: torch.Generator) -> None:
+    """Packed int4 slots expand on the device: bit for bit the CPU's expansion (itself tested
+    against compressed-tensors), symmetric and with zero points; timed on a GPU."""
+    experts, rows, cols, group = 4, 1536, 2048, 128  # Qwen3-30B-A3B's fused gate/up
+    packed = torch.randint(-(2**31), 2**31 - 1, (experts, rows, cols // 8), generator=gen)
+    packed = packed.to(torch.int32)
+    scale = (torch.rand(experts, rows, cols // group, generator=gen) / 50).to(torch.bfloat16)
+    zero_point = torch.randint(
+        -(2**31), 2**31 - 1, (experts, rows // 8, cols // group), generator=gen
+    ).to(torch.int32)
+    for symmetric in (True, False):
+        packing = Int4Packing(group, symmetric)
+        zeros = None if symmetric else zero_point
+        dense = torch.empty(experts, rows, cols, dtype=torch.bfloat16)
+        expected = packing.dequantize(packed, scale, zeros, dense)
+        on_device = [t.to(device) if t is not None else None for t in (packed, scale, zeros)]
+        out = torch.empty(experts, rows, cols, dtype=torch.bfloat16, device=device)
+        packing.dequantize(*on_device, out)
+        kind = "symmetric" if symmetric else "zero points"
+        _expect(torch.equal(out.cpu(), expected), f"int4 unpack on {device} ({kind})")
+        if device.type == "cuda":
+            seconds = _seconds(functools.partial(packing.dequantize, *on_device, out))
+            print(f"      {experts * rows * cols / seconds / 1e9:.1f} G weights/s expanded")
+
+
+def _seconds(run, repeats: int = 5) -> float:
+    """Best wall seconds of `run()` on the current CUDA stream."""
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
+
+
 def check_correctness(device: torch.device, gen: torch.Generator, moe_shapes) -> None:
     print(f"(i) correctness on {device}")
     check_device_page_table(device, gen)
     check_remap(device, gen)
     check_fused_moe(device, gen, moe_shapes)
+    check_int4_unpack(device, gen)
     check_decode_loop(device.type, gen)
     if device.type == "cuda":
         check_fused_moe_graph(device, gen)

@@ -9,18 +9,11 @@ this scratch and hands the kernel scratch ids instead of slot ids.
 from __future__ import annotations
 
 import time
-import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .pool import ExpertPool
 from .store import ExpertCodec
-
-# Decoding is CPU work that the worker's one compute thread would do alone (vLLM's CPU worker
-# leaves a core to its engine process, which waits while a forward runs): on the CPU a call's
-# experts are split between the calling thread and a helper.
-DECODE_THREADS = 2
 
 
 class DecodeScratch:
@@ -34,10 +27,6 @@ class DecodeScratch:
             spec.name: torch.empty((capacity, *spec.shape), dtype=spec.dtype, device=pool.device)
             for spec in codec.slot_specs(pool.store.layout)
         }
-        self._helper = None
-        if pool.device.type == "cpu":
-            self._helper = ThreadPoolExecutor(DECODE_THREADS - 1, "expertflow-decode")
-            weakref.finalize(self, self._helper.shutdown, wait=False)
 
     @property
     def nbytes(self) -> int:
@@ -52,17 +41,8 @@ class DecodeScratch:
         used = slot_ids.flatten().unique()  # sorted, so a slot's scratch index is its rank
         count = used.numel()
         assert count <= self.capacity, "more experts than the scratch holds: plan smaller rounds"
-        share = count // DECODE_THREADS if self._helper is not None else 0
-        helped = self._helper.submit(self._decode, used, 0, share) if share else None
-        self._decode(used, share, count)
-        if helped is not None:
-            helped.result()
+        records = {name: t.index_select(0, used) for name, t in self.pool.slot_tensors.items()}
+        self.codec.decode(records, {name: t[:count] for name, t in self.tensors.items()})
         scratch_ids = torch.searchsorted(used, slot_ids).to(slot_ids.dtype)
         self.pool.stats.record_decode(layer, count, time.perf_counter() - start)
         return scratch_ids, self.tensors
-
-    def _decode(self, used: torch.Tensor, start: int, stop: int) -> None:
-        """Slots `used[start:stop]` into scratch positions `start:stop`."""
-        rows = used[start:stop]
-        records = {name: t.index_select(0, rows) for name, t in self.pool.slot_tensors.items()}
-        self.codec.decode(records, {name: t[start:stop] for name, t in self.tensors.items()})

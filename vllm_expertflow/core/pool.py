@@ -21,6 +21,7 @@ from .device_page_table import DevicePageTable
 from .link import EmulatedLink
 from .page_table import PageTable, PoolExhaustedError
 from .policy import EvictionPolicy, ExpertKey
+from .spare_cores import move_to_spare_cores
 from .stats import OffloadStats, running_mean
 from .store import ExpertCodec, ExpertStore
 
@@ -96,14 +97,16 @@ class ExpertPool:
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.io_threads = io_threads
         self._io = (
-            ThreadPoolExecutor(io_threads, "expertflow-io")
+            ThreadPoolExecutor(io_threads, "expertflow-io", initializer=move_to_spare_cores)
             if self._copy_stream is None and io_threads > 0
             else None
         )
         # Demand misses of one layer load together (the calling thread and these): a disk
         # serves a few reads in flight faster than one after another.
         self._demand_io = (
-            ThreadPoolExecutor(DEMAND_READERS - 1, "expertflow-demand")
+            ThreadPoolExecutor(
+                DEMAND_READERS - 1, "expertflow-demand", initializer=move_to_spare_cores
+            )
             if self._io is not None
             else None
         )
@@ -325,7 +328,7 @@ class ExpertPool:
                 self._read_into(layer, expert, scratch)
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(readers) as executor:
+        with ThreadPoolExecutor(readers, initializer=move_to_spare_cores) as executor:
             for done in [executor.submit(read_share, keys[i::readers]) for i in range(readers)]:
                 done.result()
         if self._copy_stream is not None:

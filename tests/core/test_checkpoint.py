@@ -1,8 +1,15 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from vllm_expertflow.core.checkpoint import load_gate_weights
+from vllm_expertflow.core.checkpoint import (
+    QUANTIZED_FROM_KEY,
+    WIDENED_FROM_KEY,
+    load_gate_weights,
+    routing_config_hash,
+)
 
 
 @pytest.mark.parametrize(
@@ -31,3 +38,16 @@ def test_a_checkpoint_without_routers_is_refused_in_one_line(tmp_path):
     )
     with pytest.raises(ValueError, match="no MoE router weights"):
         load_gate_weights(str(tmp_path))
+
+
+@pytest.mark.parametrize("key", [WIDENED_FROM_KEY, QUANTIZED_FROM_KEY])
+def test_a_derived_checkpoint_has_its_originals_routing_hash(tmp_path, key):
+    original, derived, other = (tmp_path / name for name in ("original", "derived", "other"))
+    for folder in (original, derived, other):
+        folder.mkdir()
+    (original / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    (other / "config.json").write_text(json.dumps({"hidden_size": 16}))
+    origin = {"model": "original", "config_hash": routing_config_hash(str(original))}
+    (derived / "config.json").write_text(json.dumps({"hidden_size": 8, "q": 1, key: origin}))
+    assert routing_config_hash(str(derived)) == routing_config_hash(str(original))
+    assert routing_config_hash(str(other)) != routing_config_hash(str(original))

@@ -15,6 +15,7 @@ import pytest
 from conftest import MAX_NUM_BATCHED_TOKENS, QUANT_GROUP_SIZE
 
 import vllm_expertflow
+from vllm_expertflow.core.checkpoint import routing_config_hash
 from vllm_expertflow.tools import quantize
 from vllm_expertflow.tools.engine_runs import DEMO_MODEL, greedy_params, open_engine, run_greedy
 from vllm_expertflow.tools.tiny_moe import build_tiny_moe
@@ -58,6 +59,8 @@ def test_quantized_checkpoint_holds_packed_experts_and_bf16_rest(quantized):
     # A quarter of the experts' bytes, and more: attention and embeddings stay bf16.
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     assert size < 0.5 * (DEMO_MODEL / "model.safetensors").stat().st_size
+    # Only the experts are quantized: the demo's predictors and traces serve it.
+    assert routing_config_hash(str(out)) == routing_config_hash(str(DEMO_MODEL))
 
 
 def test_greedy_tokens_match_stock_on_the_same_experts(

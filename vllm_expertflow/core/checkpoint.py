@@ -44,16 +44,21 @@ def load_gate_weights(model_dir: str) -> dict[int, torch.Tensor]:
 # Set by `vllm-expertflow widen-model` in the config of a checkpoint whose experts were widened
 # without changing what they compute: {"model": ..., "config_hash": ..., "factor": N}.
 WIDENED_FROM_KEY = "expertflow_widened_from"
+# Set by `vllm-expertflow quantize`: only the experts were quantized, the routers are the
+# original's, so its predictors and traces serve the quantized model: {"model", "config_hash"}.
+QUANTIZED_FROM_KEY = "expertflow_quantized_from"
 
 
 def routing_config_hash(model_dir: str) -> str:
     """Identifies the model whose routing a checkpoint has: predictors and traces are valid only
-    for it. The hash of its config.json, or for a widened checkpoint, of the original's."""
+    for it. The hash of its config.json, or for a widened or quantized checkpoint, of the
+    original's (recorded when it was made, itself resolved the same way)."""
     with open(os.path.join(model_dir, "config.json"), "rb") as f:
         raw = f.read()
-    widened_from = json.loads(raw).get(WIDENED_FROM_KEY)
-    if widened_from is not None:
-        return widened_from["config_hash"]
+    config = json.loads(raw)
+    for key in (WIDENED_FROM_KEY, QUANTIZED_FROM_KEY):
+        if key in config:
+            return config[key]["config_hash"]
     return hashlib.sha256(raw).hexdigest()
 
 

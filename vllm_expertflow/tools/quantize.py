@@ -81,9 +81,24 @@ def run(args: argparse.Namespace) -> int:
     script = Path(__file__).with_name("quantize_oneshot.py")
     result = subprocess.run([python, str(script), *_oneshot_argv(args)])
     if result.returncode == 0:
+        record_origin(args.model, args.out)
         size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
         print(f"quantize: wrote {args.out} ({size / 2**20:.1f} MiB of weights)")
     return result.returncode
+
+
+def record_origin(model: Path, out: Path) -> None:
+    """Names the model `out` was quantized from in its config, so the original's predictors and
+    traces are accepted for it (the routers are not quantized) and no other model's are."""
+    from vllm_expertflow.core.checkpoint import QUANTIZED_FROM_KEY, routing_config_hash
+    from vllm_expertflow.core.files import write_text_atomically
+
+    config = json.loads((out / "config.json").read_text())
+    config[QUANTIZED_FROM_KEY] = {
+        "model": model.name,
+        "config_hash": routing_config_hash(str(model)),
+    }
+    write_text_atomically(out / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def _oneshot_argv(args: argparse.Namespace) -> list[str]:

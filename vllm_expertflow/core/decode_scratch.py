@@ -28,10 +28,6 @@ class DecodeScratch:
             for spec in codec.slot_specs(pool.store.layout)
         }
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
     def decode(
         self, layer: int, slot_ids: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -9,6 +9,7 @@ from vllm_expertflow.core.predictor import (
     TransitionPredictor,
     load_predictor,
     predictor_recall,
+    rank_for_batch,
     save_predictor,
     trace_context,
 )
@@ -195,3 +196,10 @@ def test_learned_heads_compute_in_float32_under_a_bf16_default_dtype():
     context = dict.fromkeys(CONTEXT_INPUTS, hidden)
     scores = predictor.scores(0, 1, hidden, torch.zeros(3, K, dtype=torch.long), context)
     assert scores.dtype == torch.float32 and scores.shape == (3, E)
+
+
+def test_rank_for_batch_orders_by_votes():
+    scores = torch.tensor([[5.0, 4.0, 0.0, 0.0], [5.0, 0.0, 4.0, 0.0], [5.0, 4.0, 0.0, 0.0]])
+    ranked = rank_for_batch(scores, top_k=2)
+    assert [e for e, _ in ranked] == [0, 1, 2]
+    assert ranked[0][1] == 1.0

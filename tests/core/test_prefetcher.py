@@ -3,7 +3,7 @@ import torch
 from vllm_expertflow.core.policy import make_policy
 from vllm_expertflow.core.pool import ExpertPool
 from vllm_expertflow.core.predictor import GatePredictor
-from vllm_expertflow.core.prefetcher import Prefetcher, rank_for_batch
+from vllm_expertflow.core.prefetcher import Prefetcher
 from vllm_expertflow.core.stats import OffloadStats
 from vllm_expertflow.core.store import RamStore
 
@@ -29,13 +29,6 @@ def make_pool(num_slots: int, policy: str = "lru") -> ExpertPool:
 def one_hot_gates() -> dict[int, torch.Tensor]:
     """Gates under which expert e of every layer is chosen by hidden direction e."""
     return {layer: torch.eye(NUM_EXPERTS, HIDDEN) for layer in LAYERS}
-
-
-def test_rank_for_batch_orders_by_votes():
-    scores = torch.tensor([[5.0, 4.0, 0.0, 0.0], [5.0, 0.0, 4.0, 0.0], [5.0, 4.0, 0.0, 0.0]])
-    ranked = rank_for_batch(scores, top_k=2)
-    assert [e for e, _ in ranked] == [0, 1, 2]
-    assert ranked[0][1] == 1.0
 
 
 def test_prefetched_experts_are_hits_at_the_next_layer():

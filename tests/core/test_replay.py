@@ -106,9 +106,9 @@ def test_prefetch_never_evicts_the_running_layers_experts(monkeypatch):
     running: list = []
     original_ensure, original_prefetch = ExpertPool.ensure_resident, ExpertPool.prefetch
 
-    def ensure_resident(self, layer, experts):
+    def ensure_resident(self, layer, experts, booked=()):
         running[:] = [(layer, e) for e in experts]
-        return original_ensure(self, layer, experts)
+        return original_ensure(self, layer, experts, booked)
 
     def prefetch(self, layer, expert):
         issued = original_prefetch(self, layer, expert)

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing
 
 import torch
 
@@ -45,7 +46,7 @@ from .decode_scratch import DecodeScratch
 from .pool import ExpertPool
 from .prefetcher import Prefetcher
 from .routing_log import RoutingLog
-from .step_plan import plan_rounds
+from .step_plan import Round, TokenGroup, plan_rounds
 from .store import RamStore
 
 # kernel(x, topk_weights, slot_ids, weights) -> output: computes on weights["w13"] / ["w2"]
@@ -109,42 +110,20 @@ class HostStep(MoEStep):
             return self._compute(kernel, layer, x, topk_weights, slot_ids)
         # Counting hot-set experts against the free slots too is conservative but always fits.
         rounds = plan_rounds(topk_ids, self.pool.round_capacity)
-        if len(rounds) == 1:
-            experts = rounds[0][1]
-            slots = self.pool.ensure_resident(layer, experts)
-            # After this layer's experts are pinned, so no prefetch can evict them.
-            if self.prefetcher is not None:
-                self.prefetcher.after_routing(layer, x, topk_ids)
-            output = self._compute_pinned(kernel, layer, x, topk_weights, topk_ids, slots)
-        else:
-            # The layer alone oversubscribes the pool: no room to prefetch while it computes.
-            output = torch.empty_like(x)
-            booked: set[int] = set()
-            for tokens, experts in rounds:
-                slots = self.pool.ensure_resident(layer, experts, booked)
-                booked.update(experts)
-                output[tokens] = self._compute_pinned(
-                    kernel, layer, x[tokens], topk_weights[tokens], topk_ids[tokens], slots
-                )
+        output = None if len(rounds) == 1 else torch.empty_like(x)
+        pinned = pinned_rounds(self.pool, self.prefetcher, layer, rounds, x, topk_ids)
+        with closing(pinned):
+            for tokens, _ in pinned:
+                rows = slice(None) if tokens is None else tokens
+                slot_ids = self.pool.device_table.remap(layer, topk_ids[rows])
+                computed = self._compute(kernel, layer, x[rows], topk_weights[rows], slot_ids)
+                if output is None:
+                    output = computed
+                else:
+                    output[rows] = computed
         if self.prefetcher is not None:
             self.prefetcher.after_compute(layer, x, topk_ids, output)
         return output
-
-    def _compute_pinned(
-        self,
-        kernel: SlotKernel,
-        layer: int,
-        x: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        slots: list[int],
-    ) -> torch.Tensor:
-        """The kernel on pinned slots, released once it has run."""
-        try:
-            slot_ids = self.pool.device_table.remap(layer, topk_ids)
-            return self._compute(kernel, layer, x, topk_weights, slot_ids)
-        finally:
-            self.pool.release(slots)
 
     def _compute(
         self,
@@ -167,6 +146,31 @@ class HostStep(MoEStep):
                 return computed
             output[rows] = computed
         return output
+
+
+def pinned_rounds(
+    pool: ExpertPool,
+    prefetcher: Prefetcher | None,
+    layer: int,
+    rounds: list[Round] | list[TokenGroup],
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> Iterator[tuple[torch.Tensor | list[int] | None, list[int]]]:
+    """The host step's bookkeeping: yields each round of `plan_rounds` with its slots, pinned
+    (hits touched, misses loaded, the prefetches queued) until the caller asks for the next
+    round. `HostStep.run` computes between the yields; the offline replay only iterates."""
+    booked: set[int] = set()
+    for tokens, experts in rounds:
+        slots = pool.ensure_resident(layer, experts, booked)
+        booked.update(experts)
+        # After this layer's experts are pinned, so no prefetch can evict them; a layer that
+        # alone oversubscribes the pool leaves no room to prefetch while it computes.
+        if len(rounds) == 1 and prefetcher is not None:
+            prefetcher.after_routing(layer, x, topk_ids)
+        try:
+            yield tokens, slots
+        finally:
+            pool.release(slots)
 
 
 class GraphStep(MoEStep):

@@ -61,6 +61,22 @@ class _ThreadLoad:
         self.future.result()
 
 
+class _Landed:
+    """A load of a pool that only keeps the books: nothing moves, so it has landed."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        pass
+
+    def raise_if_failed(self) -> None:
+        pass
+
+
+_LANDED = _Landed()
+
+
 class ExpertPool:
     def __init__(
         self,
@@ -73,11 +89,15 @@ class ExpertPool:
         io_threads: int = 1,
         link: EmulatedLink | None = None,
         codec: ExpertCodec | None = None,
+        moves_data: bool = True,
     ) -> None:
         """`layers`: the MoE layer ids, one row each in the device page table.
 
         `io_threads=0` loads on the calling thread even in the background (on the CPU): every
         load has landed when `prefetch` returns, which makes the offline replay deterministic.
+        `moves_data=False` keeps only the books (the offline replay): the page table, the
+        policy and the stats decide and count as they do online, but no load reads the store
+        or writes a slot, and the device page table is not kept.
         """
         assert store.layout is not None, "the pool is built after the store is written"
         self.store = store
@@ -85,6 +105,7 @@ class ExpertPool:
         self.link = link
         self.stats = stats
         self.policy = policy
+        self.moves_data = moves_data
         self.table = PageTable(num_slots, policy)
         self.device = device
         self.device_table = DevicePageTable(layers, store.num_experts, device)
@@ -110,7 +131,8 @@ class ExpertPool:
             if self._io is not None
             else None
         )
-        self._loading: dict[int, _CudaLoad | _ThreadLoad] = {}  # slot -> load still in flight
+        # slot -> its load still in flight
+        self._loading: dict[int, _CudaLoad | _ThreadLoad | _Landed] = {}
         self._unused_prefetches: set[int] = set()
         self._num_permanent = 0
         self.mean_load_seconds: float | None = None  # per expert, a running mean
@@ -257,7 +279,7 @@ class ExpertPool:
         """A pinned slot for `key`; counts an evicted, never-used prefetch as waste."""
         slot, evicted = self.table.allocate(key, prefetch)
         self.table.pin(slot)
-        if evicted is not None:
+        if evicted is not None and self.moves_data:
             # On the compute stream, before the copy stream (which waits for it) overwrites
             # the slot: a kernel queued after this reads the expert from the store instead.
             self.device_table.clear(*evicted)
@@ -298,7 +320,9 @@ class ExpertPool:
 
     def _load(
         self, layer: int, expert: int, slot: int, background: bool
-    ) -> _CudaLoad | _ThreadLoad:
+    ) -> _CudaLoad | _ThreadLoad | _Landed:
+        if not self.moves_data:
+            return _LANDED
         if self._copy_stream is None:
             if background and self._io is not None:
                 return _ThreadLoad(self._io.submit(self._copy_in, layer, expert, slot))

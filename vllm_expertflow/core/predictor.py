@@ -59,6 +59,32 @@ class ExpertPredictor(ABC):
         """The `k` likeliest experts per token, `[T, k]`."""
         return self.scores(layer, depth, hidden, topk_ids, context).topk(k, dim=-1).indices
 
+    def ranked(
+        self,
+        layer: int,
+        depth: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        top_k: int,
+        context: Context | None = None,
+    ) -> list[tuple[int, float]]:
+        """The batch's ranking of the target layer's experts (`rank_for_batch` of the scores)."""
+        return rank_for_batch(self.scores(layer, depth, hidden, topk_ids, context), top_k)
+
+
+def rank_for_batch(scores: torch.Tensor, top_k: int) -> list[tuple[int, float]]:
+    """Experts some token is predicted to route to, with the share of tokens that do, best first.
+
+    Ties between equally voted experts go to the higher mean probability.
+    """
+    num_tokens, num_experts = scores.shape
+    chosen = scores.topk(top_k, dim=-1).indices.flatten()
+    share = torch.bincount(chosen, minlength=num_experts).float() / num_tokens
+    order = (share + 1e-3 * scores.softmax(-1).mean(0)).argsort(descending=True)
+    # Plain lists from here: indexing tensors element by element costs microseconds each.
+    shares = share.tolist()
+    return [(e, shares[e]) for e in order.tolist() if shares[e] > 0]
+
 
 class GatePredictor(ExpertPredictor):
     """Speculative gating: layer L+d's own router applied to layer L's router input.

@@ -102,23 +102,9 @@ class Prefetcher:
                 break
             if self.pool.table.num_resident_in(target) == self.pool.store.num_experts:
                 continue  # nothing to fetch: spare the predictor's cost
-            scores = self.predictor.scores(layer, depth, hidden, topk_ids, context)
-            for expert, votes in rank_for_batch(scores, self.top_k):
+            ranked = self.predictor.ranked(layer, depth, hidden, topk_ids, self.top_k, context)
+            for expert, votes in ranked:
                 if self._predictive is not None:
                     self._predictive.predict((target, expert), votes)
                 if remaining > 0 and self.pool.prefetch(target, expert):
                     remaining -= 1
-
-
-def rank_for_batch(scores: torch.Tensor, top_k: int) -> list[tuple[int, float]]:
-    """Experts some token is predicted to route to, with the share of tokens that do, best first.
-
-    Ties between equally voted experts go to the higher mean probability.
-    """
-    num_tokens, num_experts = scores.shape
-    chosen = scores.topk(top_k, dim=-1).indices.flatten()
-    share = torch.bincount(chosen, minlength=num_experts).float() / num_tokens
-    order = (share + 1e-3 * scores.softmax(-1).mean(0)).argsort(descending=True)
-    # Plain lists from here: indexing tensors element by element costs microseconds each.
-    shares = share.tolist()
-    return [(e, shares[e]) for e in order.tolist() if shares[e] > 0]

@@ -22,18 +22,18 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .moe_step import HostStep
+from .moe_step import pinned_rounds
 from .policy import EvictionPolicy, ExpertKey, make_policy
 from .pool import ExpertPool
 from .predictor import ExpertPredictor, trace_context, trace_layers
 from .prefetcher import Prefetcher
 from .stats import OffloadStats
-from .step_plan import plan_rounds
+from .step_plan import TokenGroup, group_tokens
 from .store import RamStore
 from .timeline import LayerStep
 
@@ -152,8 +152,9 @@ class BeladyPolicy(EvictionPolicy):
 class _PrecomputedPredictor(ExpertPredictor):
     """Replays a predictor's answers, computed for the whole trace in large batches up front.
 
-    Scores rank each row's predicted experts in the predictor's order, as the predictor's own
-    scores would; `rows` are the trace rows of the forward being replayed.
+    Its ranking is the one the prefetcher makes of the predictor's own scores, with each row's
+    predicted experts scored in the predictor's order; `rows` are the trace rows of the
+    forward being replayed.
     """
 
     def __init__(self, layers: list[int], depth: int, num_experts: int, predicted: dict) -> None:
@@ -168,6 +169,14 @@ class _PrecomputedPredictor(ExpertPredictor):
             experts = self.predicted[(layer, depth)][row]
             scores[i, experts] = torch.arange(len(experts), 0, -1, dtype=torch.float32)
         return scores
+
+    def ranked(self, layer, depth, hidden, topk_ids, top_k, context=None):
+        experts = self.predicted[(layer, depth)][self.rows[0]]
+        if len(self.rows) == 1 and len(experts) == top_k:
+            # One token's k distinct experts: each has every vote, in the predictor's order
+            # (what `rank_for_batch` makes of these scores, without building them).
+            return [(e, 1.0) for e in experts]
+        return super().ranked(layer, depth, hidden, topk_ids, top_k, context)
 
 
 def _zero_byte_pool(
@@ -185,7 +194,9 @@ def _zero_byte_pool(
         )
     store.finish_writing()
     device = torch.device("cpu")
-    return ExpertPool(store, num_slots, device, layers, eviction, stats, io_threads=0)
+    return ExpertPool(
+        store, num_slots, device, layers, eviction, stats, io_threads=0, moves_data=False
+    )
 
 
 class _TimelineLog(OffloadStats):
@@ -229,28 +240,26 @@ def _result(name: str, num_slots: int, stats: OffloadStats) -> ReplayResult:
 
 def _routed_steps(
     manifest: dict, tensors: dict[str, torch.Tensor], steps: list[list[int]], capacity: int
-) -> tuple[list[int], list[list[list[list[int]]]]]:
-    """Layers, and per layer and forward the experts of each round the step will run, as
-    Python lists (fast to iterate); a round is the experts of one `ensure_resident` call."""
+) -> tuple[list[int], list[list[list[TokenGroup]]]]:
+    """Layers, and per layer and forward the rounds the step will run (`group_tokens`), all
+    planned up front; a round's experts are one `ensure_resident` call."""
     layers = trace_layers(manifest)
     routed = []
     for layer in layers:
-        topk = tensors[f"topk_ids.{layer}"].long()
-        routed.append(
-            [[experts for _, experts in plan_rounds(topk[rows], capacity)] for rows in steps]
-        )
+        ids = tensors[f"topk_ids.{layer}"].tolist()
+        routed.append([group_tokens([ids[row] for row in rows], capacity) for rows in steps])
     return layers, routed
 
 
 def _access_times(
-    layers: list[int], routed: list[list[list[list[int]]]]
+    layers: list[int], routed: list[list[list[TokenGroup]]]
 ) -> dict[ExpertKey, list[int]]:
     """Per key, the order of the rounds that use it (forward, then layer, then round)."""
     times: dict[ExpertKey, list[int]] = {}
     clock = 0
     for step in range(len(routed[0])):
         for li, layer in enumerate(layers):
-            for experts in routed[li][step]:
+            for _, experts in routed[li][step]:
                 for e in experts:
                     times.setdefault((layer, e), []).append(clock)
                 clock += 1
@@ -340,33 +349,24 @@ def replay(
         depth = min(prefetch_depth, predictor.max_depth)
         recorded = _PrecomputedPredictor(layers, depth, manifest["num_experts"], predicted)
         prefetcher = Prefetcher(pool, recorded, depth, top_k, loads_per_layer=num_slots)
-    step = HostStep(pool, lambda layer: _no_kernel, prefetcher)
-    topk = {layer: tensors[f"topk_ids.{layer}"].long() for layer in layers}
+    # The recorded predictor reads neither the hidden states nor the routing it is given.
+    no_hidden, no_topk = torch.zeros(0, 1), torch.zeros(0, top_k, dtype=torch.long)
     step_seconds = 0.0
     for index in _progress(len(steps), f"replay {name or mode}", progress):
         if index == warm_steps:
             pool.stats = new_stats()  # what follows is what is measured
-        rows = steps[index]
         if prefetcher is not None:
-            recorded.rows = rows
-        no_hidden, no_weights = torch.zeros(len(rows), 1), torch.zeros(len(rows), top_k)
+            recorded.rows = steps[index]
         started = time.perf_counter()
         for position, layer in enumerate(layers):
             if timeline:
-                pool.stats.begin(layer, len(rows), new_forward=position == 0)
-            step.run(layer, no_hidden, no_weights, topk[layer][rows])
+                pool.stats.begin(layer, len(steps[index]), new_forward=position == 0)
+            rounds = routed[position][index]
+            for _ in pinned_rounds(pool, prefetcher, layer, rounds, no_hidden, no_topk):
+                pass  # the kernel would run here, on the round's pinned slots
         if index >= warm_steps:
             step_seconds += time.perf_counter() - started
     pool.close()
     result = _result(name or mode, num_slots, pool.stats)
     result.step_seconds = step_seconds
     return result
-
-
-def _no_kernel(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    slot_ids: torch.Tensor,
-    weights: Mapping[str, torch.Tensor],
-) -> torch.Tensor:
-    return x

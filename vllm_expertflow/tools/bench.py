@@ -411,7 +411,6 @@ def predictor_seconds_per_layer(
     import torch
 
     from vllm_expertflow.core.predictor import trace_context
-    from vllm_expertflow.core.prefetcher import rank_for_batch
 
     manifest, tensors = trace
     layers = [int(layer) for layer in manifest["layers"]]
@@ -431,8 +430,8 @@ def predictor_seconds_per_layer(
             for layer in layers:
                 for d in range(1, min(depth, predictor.max_depth) + 1):
                     if predictor.target_layer(layer, d) is not None:
-                        scores = predictor.scores(layer, d, *inputs[layer])
-                        rank_for_batch(scores, manifest["top_k"])
+                        hidden, topk, context = inputs[layer]
+                        predictor.ranked(layer, d, hidden, topk, manifest["top_k"], context)
         return (time.perf_counter() - start) / (repeats * len(layers))
     finally:
         torch.set_num_threads(threads)

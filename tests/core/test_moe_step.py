@@ -1,5 +1,6 @@
 """The MoE step on a real pool with a plain-torch kernel injected, against dense experts."""
 
+import pytest
 import torch
 
 from vllm_expertflow.core.decode_scratch import DecodeScratch
@@ -146,3 +147,17 @@ def test_a_pool_of_stored_records_is_decoded_a_scratch_at_a_time_and_equals_the_
     layer, expert = next(iter(pool.table.resident_keys()))
     slot = pool.table.lookup((layer, expert))
     assert torch.equal(pool.slot_tensors["w13_half"][slot], weights[layer]["w13"][expert] / 2)
+
+
+def test_a_kernel_that_raises_leaves_no_slot_pinned():
+    pool, _ = make_pool(num_slots=3)
+
+    def failing_kernel(x, topk_weights, slot_ids, weights):
+        raise RuntimeError("kernel failed")
+
+    for num_tokens in (1, 10):  # one round, several rounds
+        step = HostStep(pool, lambda layer: failing_kernel, prefetcher=None)
+        x, topk_weights, topk_ids = routing(num_tokens, seed=3)
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            step.run(5, x, topk_weights, topk_ids)
+        assert not any(pool.table.is_pinned(slot) for slot in range(pool.num_slots))

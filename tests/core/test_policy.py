@@ -1,5 +1,7 @@
 """Eviction policies: the predictive one evicts the expert expected to be needed again furthest
-ahead; LRU's fast choice equals its full candidate list's first."""
+ahead; the per-layer LRU and LFU choices equal a full scan's."""
+
+from collections import Counter
 
 import pytest
 
@@ -89,23 +91,50 @@ def use_checking_evictions(table, key, rng, pinned: set[int], check, prefetch=Fa
     return checked
 
 
+def share_candidates(policy, evictable, key) -> list[int]:
+    """The layer share's rule as one scan of every slot, oldest first: the reference the
+    per-layer choices must agree with. Slots pinned for good count towards their layer."""
+    order = policy._order  # slot -> key, least recently used first, pinned for good excluded
+    keys = [*order.values(), *policy._pinned_for_good.values()]
+    per_layer = Counter(layer for layer, _ in keys)
+    share = policy.layer_share
+    slots = [s for s in order if evictable(s)]
+    own = [s for s in slots if order[s][0] == key[0]]
+    others = [s for s in slots if order[s][0] != key[0]]
+    over = [s for s in others if per_layer[order[s][0]] > share]
+    last_ran = [s for s in others if order[s][0] == order[others[-1]][0]] if others else []
+    if per_layer[key[0]] >= share:
+        return own or over or last_ran or slots
+    return over or last_ran or slots
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("num_slots", [7, 24, 60])
-def test_lru_picks_the_first_of_its_candidates_without_listing_them(seed, num_slots):
-    """The per-layer LRU choice equals the first slot of the full candidate list (the layer
-    share's rules in one scan), over random routing, wide steps and pins."""
+@pytest.mark.parametrize("name", ["lru", "lfu"])
+def test_choices_follow_the_layer_share_without_listing_every_slot(name, seed, num_slots):
+    """The per-layer LRU and LFU choices equal the full scan's (the first candidate; the least
+    used, oldest of equals), over random routing, wide steps, pins and slots pinned for good."""
     import random
 
-    from vllm_expertflow.core.policy import LRUPolicy
+    from vllm_expertflow.core.policy import LFUPolicy, LRUPolicy
 
     rng = random.Random(seed)
     layers, experts = 6, 16
-    policy = LRUPolicy(layer_share=max(1, num_slots // layers))
+    policy = {"lru": LRUPolicy, "lfu": LFUPolicy}[name](max(1, num_slots // layers))
     table = PageTable(num_slots, policy)
+    for key in rng.sample([(layer, e) for layer in range(layers) for e in range(experts)], 2):
+        slot, _ = table.allocate(key)
+        table.pin(slot)
+        table.never_evict(slot)
+    uses: Counter = Counter()
     pinned: set[int] = set()
 
     def check(evictable, key) -> bool:
-        expected = next(iter(policy.candidates(evictable, key)), None)
+        candidates = share_candidates(policy, evictable, key)
+        if name == "lru":
+            expected = next(iter(candidates), None)
+        else:
+            expected = min(candidates, key=lambda s: uses[policy._order[s]], default=None)
         assert policy.choose_victim(evictable, key) == expected
         return expected is not None
 
@@ -113,6 +142,7 @@ def test_lru_picks_the_first_of_its_candidates_without_listing_them(seed, num_sl
     for _ in range(400):
         layer = rng.randrange(layers)
         for expert in rng.sample(range(experts), rng.choice([1, 2, 4, 7])):
+            uses[(layer, expert)] += 1
             choices += use_checking_evictions(table, (layer, expert), rng, pinned, check)
     assert choices > 100
 

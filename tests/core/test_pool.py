@@ -235,3 +235,27 @@ def test_a_failed_background_load_is_raised_not_computed_on():
     pool._io.submit(lambda: None).result()  # the one I/O thread has run the prefetch
     with pytest.raises(OSError, match="expert 3 of layer 1 is unreadable"):
         pool.ensure_resident(0, [0])
+
+
+def test_a_pool_that_keeps_only_the_books_decides_as_the_real_one_and_moves_nothing():
+    real, _ = make_pool(3)
+    books, _ = make_pool(3)
+    books.moves_data = False
+    books.w13.zero_()
+    for pool in (real, books):
+        pool.release(pool.ensure_resident(0, [1, 2]))
+        pool.prefetch(1, 4)
+        pool.release(pool.ensure_resident(2, [5, 6]))  # evicts two of the three
+    assert books.table.resident_keys() == real.table.resident_keys()
+    assert [books.table.lookup(k) for k in real.table.resident_keys()] == [
+        real.table.lookup(k) for k in real.table.resident_keys()
+    ]
+    for layer in range(3):
+        counts = [
+            (s.hits, s.misses, s.prefetches_issued)
+            for s in (books.stats.layer(layer), real.stats.layer(layer))
+        ]
+        assert counts[0] == counts[1]
+    assert books.stats.layer(2).bytes_loaded == 0 < real.stats.layer(2).bytes_loaded
+    assert not books.w13.any()  # no slot was written
+    assert (books.device_table.to_host() == -1).all()  # nor the table kernels read

@@ -67,6 +67,11 @@ class PageTable:
     def pin(self, slot: int) -> None:
         self._pins[slot] += 1
 
+    def never_evict(self, slot: int) -> None:
+        """Keeps a pinned slot's expert for good (a static hot set): no policy weighs it again."""
+        assert self._pins[slot] > 0, f"slot {slot} is not pinned"
+        self._policy.never_evict(slot)
+
     def unpin(self, slot: int) -> None:
         assert self._pins[slot] > 0, f"slot {slot} is not pinned"
         self._pins[slot] -= 1

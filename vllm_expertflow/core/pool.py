@@ -228,7 +228,10 @@ class ExpertPool:
 
     def pin_permanently(self, keys: list[ExpertKey]) -> None:
         """Loads `keys` and keeps them resident for the pool's lifetime (a static hot set)."""
-        self._load_now([(layer, expert, self._allocate((layer, expert))) for layer, expert in keys])
+        loads = [(layer, expert, self._allocate((layer, expert))) for layer, expert in keys]
+        self._load_now(loads)
+        for _, _, slot in loads:
+            self.table.never_evict(slot)  # the allocation's pin is never released
         self._num_permanent += len(keys)
 
     def fill(self, keys: list[ExpertKey]) -> None:
@@ -308,6 +311,8 @@ class ExpertPool:
     def _load_now(self, loads: list[tuple[int, int, int]]) -> None:
         """(layer, expert, slot) loads the caller waits for, as many at once as the store
         serves in parallel: the calling thread and the demand readers, never behind prefetches."""
+        if not self.moves_data:
+            return
         if self._copy_stream is not None or self._demand_io is None:
             for layer, expert, slot in loads:
                 self._load(layer, expert, slot, background=False).wait()

@@ -3,10 +3,13 @@
 By default batch-1 decode: every traced token is one forward that runs the MoE layers in order,
 and layer L needs exactly the experts its router chose. `steps` groups trace rows into forwards
 instead (a prefill, a batch of decodes), which the step splits into rounds as online. The replay
-runs the online code: `HostStep` on an `ExpertPool` of zero-byte experts (loads land at once,
-on the calling thread), the `Prefetcher` with its ranking and predictive-policy weights, and the
-same eviction policies; only the kernel (which would compute nothing here) and the link budget
-(free offline) differ.
+runs the online code: the step's host half (`moe_step.pinned_rounds`) on an `ExpertPool` that
+keeps the books without moving data, the `Prefetcher` with its ranking and predictive-policy
+weights, and the same eviction policies; only the kernel (which would compute nothing here) and
+the link budget (free offline) differ. Rounds and predictions are planned for the whole trace
+up front, so the loop is the page table's and the policy's work alone: about 5 us per (token,
+layer) lookup for LRU on this machine (BENCHMARKS.md); tests/core/golden holds the counts it
+must keep.
 
 Modes:
   ondemand    no prediction; the policy alone decides what stays.
@@ -19,6 +22,7 @@ Modes:
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import Counter
@@ -128,25 +132,49 @@ class BeladyPolicy(EvictionPolicy):
 
     Every access to a key in the replay is exactly one `record_access` (a hit's touch or a
     miss's allocate), so a per-key cursor into its access times tracks "now" without a clock.
+    Of equally distant slots, the one holding its key longest goes. A heap of (next use, since
+    when) finds the choice without scanning every slot; entries a later access or eviction
+    outdated are dropped as they surface.
     """
 
     def __init__(self, accesses: dict[ExpertKey, list[int]]) -> None:
         self._times = accesses
         self._cursor: Counter[ExpertKey] = Counter()
         self._next_use: dict[int, float] = {}
+        self._held_since: dict[int, int] = {}  # slot -> when it took its key, in accesses
+        self._accesses = 0
+        self._heap: list[tuple[float, int, int]] = []  # (-next use, held since, slot)
 
     def record_access(self, slot: int, key: ExpertKey) -> None:
         times = self._times[key]
         self._cursor[key] += 1
         cursor = self._cursor[key]
-        self._next_use[slot] = times[cursor] if cursor < len(times) else math.inf
+        next_use = times[cursor] if cursor < len(times) else math.inf
+        self._accesses += 1
+        self._held_since.setdefault(slot, self._accesses)
+        self._next_use[slot] = next_use
+        heapq.heappush(self._heap, (-next_use, self._held_since[slot], slot))
+        if len(self._heap) > 4 * len(self._next_use) + 64:
+            self._heap = [(-n, self._held_since[s], s) for s, n in self._next_use.items()]
+            heapq.heapify(self._heap)
 
     def forget(self, slot: int) -> None:
         self._next_use.pop(slot, None)
+        self._held_since.pop(slot, None)
 
     def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
-        candidates = [s for s in self._next_use if is_evictable(s)]
-        return max(candidates, key=self._next_use.__getitem__, default=None)
+        pinned, victim = [], None
+        while self._heap and victim is None:
+            entry = heapq.heappop(self._heap)
+            negated_next_use, since, slot = entry
+            if self._next_use.get(slot) != -negated_next_use or self._held_since[slot] != since:
+                continue  # outdated
+            if is_evictable(slot):
+                victim = slot
+            pinned.append(entry)  # kept: the caller may not evict it after all
+        for entry in pinned:
+            heapq.heappush(self._heap, entry)
+        return victim
 
 
 class _PrecomputedPredictor(ExpertPredictor):

@@ -86,6 +86,22 @@ def test_online_counts_add_up_and_stock_is_the_unit(results):
     assert online["learned"]["prefetches_issued"] > 0
 
 
+def test_the_decode_profile_splits_the_moe_step_into_its_measured_parts(results):
+    from vllm_expertflow.tools.bench import render_markdown
+
+    for row in results["online"]:
+        assert row["decode_step_ms"] > 0
+        if row["policy"] == "stock":
+            assert "moe_ms" not in row
+            continue
+        parts = [row[k] for k in ("kernel_ms", "stall_ms", "predict_ms", "expand_ms")]
+        assert row["kernel_ms"] > 0 and all(part >= 0 for part in parts)
+        assert row["bookkeeping_ms"] == pytest.approx(row["moe_ms"] - sum(parts))
+        assert row["bookkeeping_ms"] > 0
+        assert (row["predict_ms"] > 0) == (row["policy"] == "learned")
+    assert "Where a decode step's time goes" in render_markdown(results)
+
+
 def test_belady_is_the_floor(results):
     offline = {row["policy"]: row for row in results["offline"]}
     assert offline["belady"]["loads_vs_belady"] == 1.0

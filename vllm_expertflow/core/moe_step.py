@@ -93,6 +93,7 @@ class HostStep(MoEStep):
         self.kernel_of = kernel_of
         self.prefetcher = prefetcher
         self.scratch = scratch
+        self._kernel_seconds = 0.0  # of the layer-step running now
 
     def run(
         self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
@@ -102,6 +103,15 @@ class HostStep(MoEStep):
                 "expertflow: step=host waits for loads on the host, which a CUDA graph cannot "
                 "capture; use step=graph (ram store, bf16 experts, no predictor) or enforce_eager"
             )
+        started = time.perf_counter()
+        self._kernel_seconds = 0.0
+        output = self._run(layer, x, topk_weights, topk_ids)
+        self.pool.stats.record_step(layer, time.perf_counter() - started, self._kernel_seconds)
+        return output
+
+    def _run(
+        self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
         kernel = self.kernel_of(layer)
         if self.pool.holds_every_expert:
             # Nothing can miss or be evicted: book the lookups, remap, compute.
@@ -134,17 +144,30 @@ class HostStep(MoEStep):
         slot_ids: torch.Tensor,
     ) -> torch.Tensor:
         if self.scratch is None:
-            return kernel(x, topk_weights, slot_ids, self.pool.slot_tensors)
+            return self._timed(kernel, x, topk_weights, slot_ids, self.pool.slot_tensors)
         # Decoded a scratch-full at a time: whole tokens per call, as rounds are.
         chunks = plan_rounds(slot_ids, self.scratch.capacity)
         output = torch.empty_like(x) if len(chunks) > 1 else None
         for tokens, _ in chunks:
             rows = slice(None) if tokens is None else tokens
             scratch_ids, weights = self.scratch.decode(layer, slot_ids[rows])
-            computed = kernel(x[rows], topk_weights[rows], scratch_ids, weights)
+            computed = self._timed(kernel, x[rows], topk_weights[rows], scratch_ids, weights)
             if output is None:
                 return computed
             output[rows] = computed
+        return output
+
+    def _timed(
+        self,
+        kernel: SlotKernel,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        slot_ids: torch.Tensor,
+        weights: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        started = time.perf_counter()
+        output = kernel(x, topk_weights, slot_ids, weights)
+        self._kernel_seconds += time.perf_counter() - started
         return output
 
 

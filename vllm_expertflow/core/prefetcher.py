@@ -87,6 +87,17 @@ class Prefetcher:
         context: dict[str, torch.Tensor] | None,
     ) -> None:
         """Queues loads for the layers after `layer`, likeliest first, within the link budget."""
+        started = time.perf_counter()
+        self._queue_likeliest(layer, hidden, topk_ids, context)
+        self.pool.stats.record_predict(layer, time.perf_counter() - started)
+
+    def _queue_likeliest(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        context: dict[str, torch.Tensor] | None,
+    ) -> None:
         self.budget.layer_started()
         if self._predictive is not None:
             self._predictive.clear_predictions(layer)

@@ -24,6 +24,10 @@ class LayerStats:
     # Pools that keep records as stored (packed int4) decode each kernel call's experts.
     experts_decoded: int = 0
     decode_seconds: float = 0.0
+    # Where the host step's wall time goes (CPU clocks: on CUDA the kernel's is its launch).
+    step_seconds: float = 0.0  # all of `HostStep.run`
+    kernel_seconds: float = 0.0
+    predict_seconds: float = 0.0  # the prefetcher: scores, ranking, queuing the loads
 
     @property
     def lookups(self) -> int:
@@ -82,6 +86,14 @@ class OffloadStats:
         stats = self.layer(layer)
         stats.experts_decoded += experts
         stats.decode_seconds += seconds
+
+    def record_step(self, layer: int, seconds: float, kernel_seconds: float) -> None:
+        stats = self.layer(layer)
+        stats.step_seconds += seconds
+        stats.kernel_seconds += kernel_seconds
+
+    def record_predict(self, layer: int, seconds: float) -> None:
+        self.layer(layer).predict_seconds += seconds
 
     def record_prefetch(self, layer: int) -> None:
         self.layer(layer).prefetches_issued += 1

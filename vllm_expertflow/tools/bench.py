@@ -264,40 +264,69 @@ def measured_rows(
     ]
 
 
-def measure(llm, prompts: list[str], args, with_stats: bool) -> dict:
-    """Decode time = a full generation minus a prefill-only one of the same prompts."""
-    import vllm_expertflow
+# Where a decode step's time goes, from the engine's own clocks (ms per decode step): the MoE
+# layers' host step in all and its parts; the rest of the step is outside the MoE layers.
+PROFILE_PARTS = {
+    "kernel_ms": "kernel_seconds",
+    "stall_ms": "stall_seconds",
+    "predict_ms": "predict_seconds",
+    "expand_ms": "decode_seconds",
+}
 
+
+def measure(llm, prompts: list[str], args, with_stats: bool) -> dict:
+    """Decode time = a full generation minus a prefill-only one of the same prompts; the
+    engine's counters and clocks over the same runs give the decode step's profile."""
     llm.generate(prompts, greedy_params(4), use_tqdm=False)  # warm-up
-    before = vllm_expertflow.get_stats(llm)["total"] if with_stats else None
-    prefill, full = [], []
+    runs: dict[int, list[tuple[float, dict | None]]] = {1: [], 1 + args.decode_tokens: []}
     for _ in range(args.repeats):
-        prefill.append(_timed(llm, prompts, 1))
-        full.append(_timed(llm, prompts, 1 + args.decode_tokens))
+        for max_tokens, timed in runs.items():
+            timed.append(_timed(llm, prompts, max_tokens, with_stats))
     prompt_tokens = sum(len(ids) for ids in llm.get_tokenizer()(prompts)["input_ids"])
-    prefill_s, full_s = statistics.median(prefill), statistics.median(full)
+    prefill, full = runs.values()
+    prefill_s = statistics.median(seconds for seconds, _ in prefill)
+    full_s = statistics.median(seconds for seconds, _ in full)
     row = {
         "decode_tokens_per_s": len(prompts) * args.decode_tokens / (full_s - prefill_s),
         "prefill_tokens_per_s": prompt_tokens / prefill_s,
+        "decode_step_ms": 1e3 * (full_s - prefill_s) / args.decode_tokens,
     }
-    if before is not None:
-        stats = vllm_expertflow.get_stats(llm)
-        after = stats["total"]
-        delta = {k: after[k] - before[k] for k in after if k not in ("hit_rate",)}
-        row["slots"] = stats["slots"]
-        prefetched = max(delta["prefetches_issued"], 1)
+    if with_stats:
+        import vllm_expertflow
+
+        total = {k: sum(d[k] for _, d in prefill + full) for k in full[0][1]}
+        row["slots"] = vllm_expertflow.get_stats(llm)["slots"]
+        prefetched = max(total["prefetches_issued"], 1)
         row.update(
-            delta,
-            hit_rate=delta["hits"] / max(delta["lookups"], 1),
-            prefetch_precision=delta["prefetches_used"] / prefetched,
+            total,
+            hit_rate=total["hits"] / max(total["lookups"], 1),
+            prefetch_precision=total["prefetches_used"] / prefetched,
         )
+        steps = args.repeats * args.decode_tokens
+
+        def per_decode_step(key: str) -> float:
+            moved = [f[key] - p[key] for (_, p), (_, f) in zip(prefill, full, strict=True)]
+            return 1e3 * sum(moved) / steps
+
+        row["moe_ms"] = per_decode_step("step_seconds")
+        row.update({name: per_decode_step(key) for name, key in PROFILE_PARTS.items()})
+        row["bookkeeping_ms"] = row["moe_ms"] - sum(row[name] for name in PROFILE_PARTS)
+        row["outside_moe_ms"] = row["decode_step_ms"] - row["moe_ms"]
     return row
 
 
-def _timed(llm, prompts: list[str], max_tokens: int) -> float:
+def _timed(llm, prompts: list[str], max_tokens: int, with_stats: bool) -> tuple[float, dict | None]:
+    """Wall seconds of one generation and, `with_stats`, the engine's counters it moved."""
+    import vllm_expertflow
+
+    before = vllm_expertflow.get_stats(llm)["total"] if with_stats else None
     start = time.perf_counter()
     llm.generate(prompts, greedy_params(max_tokens), use_tqdm=False)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if before is None:
+        return seconds, None
+    after = vllm_expertflow.get_stats(llm)["total"]
+    return seconds, {k: after[k] - before[k] for k in after if k != "hit_rate"}
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -523,6 +552,15 @@ def write_results(args, rows: list[dict], offline: list[dict]) -> None:
             "planned_stall_share": "fraction of planned decode time waiting for loads",
             "planned_overhead_s_per_layer": "s: the step's bookkeeping (timed in the replay) "
             "and the predictor (timed on the run's rows), added to stock's compute per layer",
+            "decode_step_ms": "ms per decode step (all layers, the whole batch)",
+            "moe_ms": "ms per decode step in the MoE layers' host step (engine clocks)",
+            "kernel_ms": "ms per decode step in vLLM's kernel on the pool",
+            "stall_ms": "ms per decode step waiting for loads",
+            "predict_ms": "ms per decode step in the prefetcher (scores, ranking, queuing)",
+            "expand_ms": "ms per decode step expanding packed int4 slots",
+            "bookkeeping_ms": "ms per decode step in the rest of the host step (page table, "
+            "pins, remap)",
+            "outside_moe_ms": "decode_step_ms - moe_ms: attention, sampling, vLLM's scheduler",
         },
         "online": rows,
         "offline": offline,
@@ -557,6 +595,25 @@ def render_markdown(results: dict) -> str:
             f"{r.get('decode_seconds', 0):.2f} | "
             f"{r.get('prefetch_precision', float('nan')):.2f} |"
         )
+    profiled = [r for r in results["online"] if "moe_ms" in r]
+    if profiled:
+        lines += [
+            "",
+            "Where a decode step's time goes (ms per step, engine clocks; stock: the step only):",
+            "",
+            "| policy | experts | cache | batch | step | outside MoE | MoE step | kernel | "
+            "stall | predict | expand | bookkeeping |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["online"]:
+            parts = ("outside_moe_ms", "moe_ms", "kernel_ms", "stall_ms", "predict_ms")
+            cells = " | ".join(
+                f"{r[k]:.2f}" if k in r else "-" for k in (*parts, "expand_ms", "bookkeeping_ms")
+            )
+            lines.append(
+                f"| {r['policy']} | {r.get('format', 'bf16')} | {r['cache_fraction']} | "
+                f"{r['batch']} | {r['decode_step_ms']:.2f} | {cells} |"
+            )
     if results["offline"]:
         lines += [
             "",

@@ -113,15 +113,17 @@ class ScaledInt8Codec(ExpertCodec):
         slots["w2"].copy_(records["w2_codes"].float() * records["scale"])
 
 
-def int8_pool() -> tuple[ExpertPool, torch.Tensor, torch.Tensor]:
-    """A two-slot pool over int8 records, with the records' codes and scales."""
+def int8_pool(num_slots: int = 2) -> tuple[ExpertPool, torch.Tensor, torch.Tensor]:
+    """A pool over int8 records, with the records' codes and scales."""
     store = RamStore(NUM_EXPERTS, pin_memory=False)
     codes = torch.randint(-100, 100, (NUM_EXPERTS, 8, 4), dtype=torch.int8)
     scale = torch.rand(NUM_EXPERTS, 1, 1) + 0.5
     store.write_layer(0, {"w13_codes": codes, "w2_codes": codes[:, :4], "scale": scale})
     store.finish_writing()
     codec = ScaledInt8Codec()
-    pool = ExpertPool(store, 2, torch.device("cpu"), [0], LRUPolicy(), OffloadStats(), codec=codec)
+    pool = ExpertPool(
+        store, num_slots, torch.device("cpu"), [0], LRUPolicy(), OffloadStats(), codec=codec
+    )
     return pool, codes, scale
 
 
@@ -212,6 +214,16 @@ def test_a_layers_demand_misses_load_together_on_the_calling_thread_and_a_demand
     )
     assert main == threading.current_thread().name and helper.startswith("expertflow-demand")
     assert pool.stats.layer(0).misses == 2
+
+
+def test_a_layers_demand_misses_are_shared_evenly_by_the_readers():
+    pool, codes, scale = int8_pool(num_slots=5)
+    slots = pool.ensure_resident(0, [1, 2, 3, 4, 5])
+    for slot, expert in zip(slots, [1, 2, 3, 4, 5], strict=True):
+        assert torch.equal(pool.w13[slot], codes[expert].float() * scale[expert])
+    here = threading.current_thread().name
+    assert sorted(pool.codec.threads.count(name) for name in set(pool.codec.threads)) == [2, 3]
+    assert pool.codec.threads.count(here) == 3  # the calling thread takes the first share
 
 
 def test_fill_loads_experts_that_stay_evictable():

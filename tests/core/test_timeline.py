@@ -6,6 +6,7 @@ from vllm_expertflow.core.timeline import (
     Hardware,
     LayerCost,
     LayerStep,
+    Link,
     compute_seconds,
     simulate,
 )
@@ -23,7 +24,9 @@ def on_hardware(step: LayerStep) -> float:
 
 def test_demand_loads_stall_the_layer_for_their_whole_transfer():
     # One layer, two experts run, both missed: 2 ms of loads, then 2 ms of compute.
-    result = simulate([[LayerStep(0, tokens=1, experts_run=2, demand_loads=2)]], on_hardware, LOAD)
+    result = simulate(
+        [[LayerStep(0, tokens=1, experts_run=2, demand_loads=2)]], on_hardware, Link(LOAD)
+    )
     assert result.stall_seconds == pytest.approx(2 * MS)
     assert result.seconds == pytest.approx(4 * MS)
     assert result.tokens_per_s == pytest.approx(250.0)
@@ -33,11 +36,11 @@ def test_demand_loads_stall_the_layer_for_their_whole_transfer():
 def test_a_prefetch_hidden_behind_compute_costs_nothing_and_a_late_one_stalls_the_rest():
     # Layer 0 runs 2 resident experts (2 ms) and prefetches one expert of layer 1 (1 ms): hidden.
     hidden = [[LayerStep(0, 1, 2, 0, [1]), LayerStep(1, 1, 1, 0)]]
-    result = simulate(hidden, on_hardware, LOAD)
+    result = simulate(hidden, on_hardware, Link(LOAD))
     assert result.stall_seconds == 0 and result.seconds == pytest.approx(3 * MS)
     # Three prefetches (3 ms) behind 2 ms of compute: layer 1 waits 1 ms.
     late = [[LayerStep(0, 1, 2, 0, [1, 1, 1]), LayerStep(1, 1, 1, 0)]]
-    result = simulate(late, on_hardware, LOAD)
+    result = simulate(late, on_hardware, Link(LOAD))
     assert result.stall_seconds == pytest.approx(1 * MS)
     assert result.seconds == pytest.approx(4 * MS)
 
@@ -46,9 +49,28 @@ def test_demand_loads_queue_behind_prefetches_in_flight():
     # Layer 0 (1 ms compute) prefetches 3 experts of layer 2 (until 3 ms); layer 1 then misses
     # one expert: its load waits for the link (lands at 4 ms), so layer 1 stalls 3 ms.
     forward = [LayerStep(0, 1, 1, 0, [2, 2, 2]), LayerStep(1, 1, 1, 1), LayerStep(2, 1, 1, 0)]
-    result = simulate([forward], on_hardware, LOAD)
+    result = simulate([forward], on_hardware, Link(LOAD))
     assert result.stall_seconds == pytest.approx(3 * MS)
     assert result.seconds == pytest.approx(6 * MS)  # layer 1: 4-5 ms, layer 2: 5-6 ms
+
+
+def test_cpu_demand_readers_do_not_wait_behind_prefetches_and_load_a_few_at_once():
+    # The same forward on the CPU pool's link: layer 1's miss loads on a demand reader at once
+    # (1 ms stall, not 3) while the prefetches use the I/O thread; the last of them lands at
+    # 3 ms, as layer 1 ends, so layer 2 does not wait.
+    forward = [LayerStep(0, 1, 1, 0, [2, 2, 2]), LayerStep(1, 1, 1, 1), LayerStep(2, 1, 1, 0)]
+    result = simulate([forward], on_hardware, Link(LOAD, demand_readers=2))
+    assert result.stall_seconds == pytest.approx(1 * MS)
+    assert result.seconds == pytest.approx(4 * MS)
+    # Five misses on two readers: three rounds of loads, 3 ms, then 5 ms of compute.
+    five = [[LayerStep(0, tokens=1, experts_run=5, demand_loads=5)]]
+    result = simulate(five, on_hardware, Link(LOAD, demand_readers=2))
+    assert result.stall_seconds == pytest.approx(3 * MS)
+    # Two I/O threads land two prefetches together: the next layer waits 1 ms, not 2.
+    two = [[LayerStep(0, 1, 0, 0, [1, 1]), LayerStep(1, 1, 1, 0)]]
+    assert simulate(two, on_hardware, Link(LOAD)).stall_seconds == pytest.approx(2 * MS)
+    result = simulate(two, on_hardware, Link(LOAD, prefetch_queues=2))
+    assert result.stall_seconds == pytest.approx(1 * MS)
 
 
 def test_latency_is_shared_by_parallel_transfers():

@@ -149,6 +149,7 @@ def test_every_replayable_row_has_its_planned_speed(results):
         assert row["planned_overhead_s_per_layer"] > 0  # the step's bookkeeping, at least
         if row["policy"] == "lru-ondemand" and row["cache_fraction"] < 1:
             assert row["planned_stall_share"] > 0  # demand misses wait for their loads
+            assert row["planned_stall_ms"] > 0 and row["stall_ms"] > 0
     assert "planned_tokens_per_s" in results["units"]
 
 

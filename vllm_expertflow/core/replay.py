@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -65,9 +64,6 @@ class ReplayResult:
     per_layer: dict[int, LayerCounts] = field(default_factory=dict)
     # With `replay(..., timeline=True)`: each measured forward's layer-steps, for timeline.py.
     forwards: list[list[LayerStep]] = field(default_factory=list)
-    # Wall time of the measured forwards' steps: the step's own bookkeeping (page table,
-    # policy, pins, remap) without kernel or copies, as this machine runs it.
-    step_seconds: float = 0.0
 
     @property
     def loads(self) -> int:
@@ -82,7 +78,7 @@ class ReplayResult:
         out["loads"] = self.loads
         out["hit_rate"] = self.hit_rate
         out["per_layer"] = {str(k): asdict(v) for k, v in self.per_layer.items()}
-        del out["forwards"], out["step_seconds"]  # not counts: the log, and a timing
+        del out["forwards"]  # not a count: the log
         return out
 
 
@@ -379,22 +375,16 @@ def replay(
         prefetcher = Prefetcher(pool, recorded, depth, top_k, loads_per_layer=num_slots)
     # The recorded predictor reads neither the hidden states nor the routing it is given.
     no_hidden, no_topk = torch.zeros(0, 1), torch.zeros(0, top_k, dtype=torch.long)
-    step_seconds = 0.0
     for index in _progress(len(steps), f"replay {name or mode}", progress):
         if index == warm_steps:
             pool.stats = new_stats()  # what follows is what is measured
         if prefetcher is not None:
             recorded.rows = steps[index]
-        started = time.perf_counter()
         for position, layer in enumerate(layers):
             if timeline:
                 pool.stats.begin(layer, len(steps[index]), new_forward=position == 0)
             rounds = routed[position][index]
             for _ in pinned_rounds(pool, prefetcher, layer, rounds, no_hidden, no_topk):
                 pass  # the kernel would run here, on the round's pinned slots
-        if index >= warm_steps:
-            step_seconds += time.perf_counter() - started
     pool.close()
-    result = _result(name or mode, num_slots, pool.stats)
-    result.step_seconds = step_seconds
-    return result
+    return _result(name or mode, num_slots, pool.stats)

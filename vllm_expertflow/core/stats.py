@@ -15,6 +15,7 @@ def running_mean(mean: float | None, sample: float, weight: float = 0.1) -> floa
 class LayerStats:
     hits: int = 0
     misses: int = 0
+    loads: int = 0
     bytes_loaded: int = 0
     load_seconds: float = 0.0
     stall_seconds: float = 0.0
@@ -76,6 +77,7 @@ class OffloadStats:
     def record_load(self, layer: int, num_bytes: int, seconds: float) -> None:
         with self._lock:
             stats = self.layer(layer)
+            stats.loads += 1
             stats.bytes_loaded += num_bytes
             stats.load_seconds += seconds
 

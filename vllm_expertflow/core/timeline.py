@@ -8,8 +8,10 @@ prefetch with its target layer. This module puts that log on a clock, one forwar
                     prefetch of this layer have landed ──► compute ends ──► next layer
     prefetches issued at a layer enter the link queue when that layer's compute starts
 
-The link is one FIFO queue (prefetches and demand loads in issue order) of `io_queues` parallel
-transfers: a load occupies it for bytes / bandwidth + latency / io_queues. Compute per
+The `Link` is how the pool moves experts. On a GPU, one copy stream: prefetches and demand
+loads in one FIFO queue, in issue order. On the CPU, the pool's I/O threads serve prefetches in
+order while a layer's demand misses load on their own readers, a few at once, never behind a
+prefetch. A load occupies a queue for bytes / bandwidth + latency / io_queues. Compute per
 layer-step is memory-bound decode: the layer's resident bytes it reads (attention, dense or
 shared MLP, every distinct expert it runs) over device bandwidth, or its FLOPs over the FLOP
 rate, whichever is longer, plus a fixed overhead per layer. A stall is the time a layer waits
@@ -38,6 +40,18 @@ class Hardware:
 
     def load_seconds(self, num_bytes: int) -> float:
         return num_bytes / (self.link_gbps * 1e9) + self.link_latency_us * 1e-6 / self.io_queues
+
+
+@dataclass(frozen=True)
+class Link:
+    """The pool's loads as the clock sees them: `load_seconds` per expert on one queue;
+    `prefetch_queues` background loads in flight; `demand_readers` None: demand loads join the
+    same queues in issue order (one CUDA copy stream), else a layer's demand misses load that
+    many at a time on readers of their own (the CPU pool's calling thread and demand readers)."""
+
+    load_seconds: float
+    prefetch_queues: int = 1
+    demand_readers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,28 +101,37 @@ def compute_seconds(cost: LayerCost, hardware: Hardware, tokens: int, experts_ru
 def simulate(
     forwards: list[list[LayerStep]],
     compute: Callable[[LayerStep], float] | float,
-    load_seconds: float,
+    link: Link,
     extra_seconds_per_forward: float = 0.0,
 ) -> TimelineResult:
     """Puts the replay's forwards on one clock: `compute` gives a layer-step's compute time
     (from hardware figures with `compute_seconds`), or is one measured time for every
-    layer-step; `load_seconds` is one expert's transfer; `extra_seconds_per_forward` (the
-    non-MoE rest: embeddings, head) is added to each forward's compute."""
+    layer-step; `extra_seconds_per_forward` (the non-MoE rest: embeddings, head) is added to
+    each forward's compute."""
     result = TimelineResult()
-    clock = link_free = 0.0
+    load = link.load_seconds
+    clock = 0.0
+    queues = [0.0] * link.prefetch_queues  # when each queue is next free
     landed: dict[int, float] = {}  # target layer -> when its last issued prefetch lands
+
+    def enqueue(at: float) -> float:
+        """A load issued at `at` on the queue free first; when it lands."""
+        free = min(range(len(queues)), key=queues.__getitem__)
+        queues[free] = max(queues[free], at) + load
+        return queues[free]
+
     for forward in forwards:
         result.tokens += forward[0].tokens if forward else 0
         for step in forward:
             start = clock
             ready = landed.pop(step.layer, 0.0)
-            if step.demand_loads:
-                link_free = max(link_free, start) + step.demand_loads * load_seconds
-                ready = max(ready, link_free)
+            if step.demand_loads and link.demand_readers is None:
+                ready = max(ready, *(enqueue(start) for _ in range(step.demand_loads)))
+            elif step.demand_loads:
+                ready = max(ready, start + -(-step.demand_loads // link.demand_readers) * load)
             compute_start = max(start, ready)
-            for target in step.prefetch_targets:  # in issue order: the last one sets `landed`
-                link_free = max(link_free, compute_start) + load_seconds
-                landed[target] = link_free
+            for target in step.prefetch_targets:  # in issue order
+                landed[target] = max(landed.get(target, 0.0), enqueue(compute_start))
             seconds = compute(step) if callable(compute) else compute
             result.stall_seconds += compute_start - start
             result.compute_seconds += seconds

@@ -370,17 +370,19 @@ def add_limits(
     specs: dict[str, dict],
 ) -> None:
     """Adds the physical limit and `limit_ratio` to every bf16 expertflow row, and what `plan`'s
-    timeline predicts for the row from this run's own measurements (`planned_tokens_per_s`).
+    timeline predicts for the row from this run's own measurements (`planned_tokens_per_s`,
+    `planned_stall_ms` against the measured `stall_ms`).
 
     Belady's loads are those of a generation run right after the same one (the measured runs
     repeat the prompts), counted over its decode steps only, as decode time is measured. The
     planned figure replays the row's policy over the same steps and puts its loads on a clock
     (`core/timeline.py`): per layer-step, stock's decode time split evenly over the MoE layers
-    plus the plugin's own work (the step's bookkeeping, timed in that replay, and the
-    predictor's, timed on the run's rows); per load, the measured time through the store.
+    plus the plugin's own work on the step thread (bookkeeping and prefetcher, by the engine's
+    clocks); per load, the run's mean load time, on the CPU pool's readers.
     """
+    from vllm_expertflow.core.pool import DEMAND_READERS, IO_THREADS
     from vllm_expertflow.core.replay import replay, slots_for_fraction
-    from vllm_expertflow.core.timeline import simulate
+    from vllm_expertflow.core.timeline import Link, simulate
 
     manifest, tensors = trace
     stock = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["policy"] == "stock"}
@@ -416,54 +418,20 @@ def add_limits(
                 timeline=True,
                 **specs[row["policy"]],
             )
-            layer_steps = sum(len(forward) for forward in result.forwards)
-            overhead = result.step_seconds / layer_steps
-            spec = specs[row["policy"]]
-            if spec.get("predictor") is not None:
-                overhead += predictor_seconds_per_layer(
-                    spec["predictor"], trace, generation[1], spec["prefetch_depth"]
-                )
+            # The plugin's own work on the step thread, by the engine's clocks in this run.
+            overhead = (row["bookkeeping_ms"] + row["predict_ms"]) / 1e3 / len(manifest["layers"])
             layer_seconds = batch / stock[batch] / len(manifest["layers"]) + overhead
-            planned = simulate(result.forwards, layer_seconds, load_seconds)
+            # One load as the run's loads took (they overlap on the store), on the CPU pool's
+            # readers: its I/O thread for prefetches, a layer's misses DEMAND_READERS at a time.
+            latency = row["load_seconds"] / row["loads"] if row["loads"] else load_seconds
+            link = Link(latency, prefetch_queues=IO_THREADS, demand_readers=DEMAND_READERS)
+            planned = simulate(result.forwards, layer_seconds, link)
             row.update(
                 planned_tokens_per_s=batch * decode_tokens / planned.seconds,
                 planned_stall_share=planned.stall_share,
+                planned_stall_ms=1e3 * planned.stall_seconds / decode_tokens,
                 planned_overhead_s_per_layer=overhead,
             )
-
-
-def predictor_seconds_per_layer(
-    predictor, trace: tuple[dict, dict], rows: list[int], depth: int, repeats: int = 5
-) -> float:
-    """What the prefetcher's predictor costs a layer-step of `rows` on one thread, as the
-    engine's worker runs it: the scores of each depth up to `depth`, and their ranking."""
-    import torch
-
-    from vllm_expertflow.core.predictor import trace_context
-
-    manifest, tensors = trace
-    layers = [int(layer) for layer in manifest["layers"]]
-    inputs = {}
-    for layer in layers:
-        context = trace_context(tensors, layer) if predictor.context_inputs else {}
-        inputs[layer] = (
-            tensors[f"hidden.{layer}"][rows].float(),
-            tensors[f"topk_ids.{layer}"][rows].long(),
-            {name: c[rows] for name, c in context.items()} or None,
-        )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for layer in layers:
-                for d in range(1, min(depth, predictor.max_depth) + 1):
-                    if predictor.target_layer(layer, d) is not None:
-                        hidden, topk, context = inputs[layer]
-                        predictor.ranked(layer, d, hidden, topk, manifest["top_k"], context)
-        return (time.perf_counter() - start) / (repeats * len(layers))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def replay_specs(args, policies: list[str]) -> dict[str, dict]:
@@ -550,8 +518,9 @@ def write_results(args, rows: list[dict], offline: list[dict]) -> None:
             "limit_ratio": "decode_tokens_per_s / limit_tokens_per_s",
             "planned_tokens_per_s": "tokens/s (`plan`'s timeline on this run's measurements)",
             "planned_stall_share": "fraction of planned decode time waiting for loads",
-            "planned_overhead_s_per_layer": "s: the step's bookkeeping (timed in the replay) "
-            "and the predictor (timed on the run's rows), added to stock's compute per layer",
+            "planned_overhead_s_per_layer": "s: the step's bookkeeping and the prefetcher "
+            "(engine clocks, this run), added to stock's compute per layer",
+            "planned_stall_ms": "ms per decode step the plan's layers wait for loads",
             "decode_step_ms": "ms per decode step (all layers, the whole batch)",
             "moe_ms": "ms per decode step in the MoE layers' host step (engine clocks)",
             "kernel_ms": "ms per decode step in vLLM's kernel on the pool",
@@ -602,13 +571,14 @@ def render_markdown(results: dict) -> str:
             "Where a decode step's time goes (ms per step, engine clocks; stock: the step only):",
             "",
             "| policy | experts | cache | batch | step | outside MoE | MoE step | kernel | "
-            "stall | predict | expand | bookkeeping |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "stall | planned stall | predict | expand | bookkeeping |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["online"]:
-            parts = ("outside_moe_ms", "moe_ms", "kernel_ms", "stall_ms", "predict_ms")
+            parts = ("outside_moe_ms", "moe_ms", "kernel_ms", "stall_ms", "planned_stall_ms")
             cells = " | ".join(
-                f"{r[k]:.2f}" if k in r else "-" for k in (*parts, "expand_ms", "bookkeeping_ms")
+                f"{r[k]:.2f}" if k in r else "-"
+                for k in (*parts, "predict_ms", "expand_ms", "bookkeeping_ms")
             )
             lines.append(
                 f"| {r['policy']} | {r.get('format', 'bf16')} | {r['cache_fraction']} | "

@@ -39,6 +39,7 @@ from vllm_expertflow.core.timeline import (
     Hardware,
     LayerCost,
     LayerStep,
+    Link,
     TimelineResult,
     compute_seconds,
     simulate,
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     def on_hardware(step: LayerStep) -> float:
         return compute_seconds(cost, hardware, step.tokens, step.experts_run)
 
-    load = hardware.load_seconds(footprint.expert_bytes)
+    # The GPU pool's one copy stream: prefetches and demand loads in issue order.
+    link = Link(hardware.load_seconds(footprint.expert_bytes))
     rest = _rest_seconds(footprint, hardware)
     rows = []
     for batch in batches:
@@ -134,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             }
             floor = max(results["belady"].loads, 1)
             for policy, result in results.items():
-                timeline = simulate(result.forwards, on_hardware, load, rest)
+                timeline = simulate(result.forwards, on_hardware, link, rest)
                 rows.append(
                     {
                         "policy": policy,
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                         "tokens_per_s": timeline.tokens_per_s if fits else None,
                     }
                 )
-        resident = simulate(_without_loads(results["belady"].forwards), on_hardware, load, rest)
+        resident = simulate(_without_loads(results["belady"].forwards), on_hardware, link, rest)
         rows += _baselines(footprint, hardware, resident, len(steps), batch)
     write_results(args, hardware, footprint, rows)
     return 0

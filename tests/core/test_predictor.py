@@ -10,6 +10,7 @@ from vllm_expertflow.core.predictor import (
     load_predictor,
     predictor_recall,
     rank_for_batch,
+    routed_one_hot,
     save_predictor,
     trace_context,
 )
@@ -203,3 +204,45 @@ def test_rank_for_batch_orders_by_votes():
     ranked = rank_for_batch(scores, top_k=2)
     assert [e for e, _ in ranked] == [0, 1, 2]
     assert ranked[0][1] == 1.0
+
+
+def test_one_tokens_ranking_is_the_batch_rule_applied_to_it():
+    scores = torch.randn(1, E, generator=torch.Generator().manual_seed(0))
+    # Two copies of the token take the general rule (votes, then mean probability).
+    assert rank_for_batch(scores, top_k=K) == rank_for_batch(scores.repeat(2, 1), top_k=K)
+
+
+@pytest.mark.parametrize(
+    "hidden_units, routed, context",
+    [(0, False, ()), (0, True, ()), (12, False, ()), (12, True, CONTEXT_INPUTS)],
+)
+def test_fused_heads_score_every_depth_as_the_heads_do(tmp_path, hidden_units, routed, context):
+    g = torch.Generator().manual_seed(1)
+    gates = {layer: torch.randn(E, H, generator=g) for layer in (0, 1, 2)}
+    predictor = LearnedPredictor(gates, 2, hidden_units, routed, context_inputs=context)
+    with torch.no_grad():  # trained-like weights everywhere (an untrained MLP outputs zeros)
+        for parameter in predictor.heads.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g))
+    hidden = torch.randn(5, H, generator=g)
+    topk = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(5)])
+    inputs = {name: torch.randn(5, H, generator=g) for name in context}
+    routed_hot = routed_one_hot(topk, E)
+    heads = {d: predictor.heads[f"0_{d}"] for d in (1, 2)}
+    expected = {d: head(hidden, list(inputs.values()), routed_hot) for d, head in heads.items()}
+    fused = predictor.ranked_depths(0, [1, 2], hidden, topk, K, inputs)
+    for depth in (1, 2):
+        scores = predictor.scores(0, depth, hidden, topk, inputs)
+        torch.testing.assert_close(scores, expected[depth].detach(), rtol=1e-4, atol=1e-4)
+        assert fused[depth - 1] == rank_for_batch(scores, K)
+    # Training changes the weights: what was fused before is not used after.
+    trace_hidden = {layer: torch.randn(40, H, generator=g) for layer in (0, 1, 2)}
+    trace_topk = {
+        layer: torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(40)])
+        for layer in (0, 1, 2)
+    }
+    _, trace = write_trace(tmp_path, trace_hidden, trace_topk, tokens_per_request=10)
+    predictor.fit(trace, epochs=1, lr=0.5, progress=False)
+    trained = heads[1](hidden, list(inputs.values()), routed_hot).detach()
+    assert not torch.allclose(trained, expected[1].detach(), atol=1e-2)
+    scores = predictor.scores(0, 1, hidden, topk, inputs)
+    torch.testing.assert_close(scores, trained, rtol=1e-4, atol=1e-4)

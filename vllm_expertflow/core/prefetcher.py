@@ -107,13 +107,21 @@ class Prefetcher:
             self.loads_per_layer
             or self.budget.experts_per_layer(self.pool.mean_load_seconds, self.top_k)
         ) - self.pool.loads_in_flight
+        targets = []
         for depth in range(1, self.depth + 1):
             target = self.predictor.target_layer(layer, depth)
             if target is None:
                 break
             if self.pool.table.num_resident_in(target) == self.pool.store.num_experts:
                 continue  # nothing to fetch: spare the predictor's cost
-            ranked = self.predictor.ranked(layer, depth, hidden, topk_ids, self.top_k, context)
+            targets.append((depth, target))
+        if not targets:
+            return
+        depths = [depth for depth, _ in targets]
+        rankings = self.predictor.ranked_depths(
+            layer, depths, hidden, topk_ids, self.top_k, context
+        )
+        for (_, target), ranked in zip(targets, rankings, strict=True):
             for expert, votes in ranked:
                 if self._predictive is not None:
                     self._predictive.predict((target, expert), votes)

@@ -73,6 +73,15 @@ def test_cpu_demand_readers_do_not_wait_behind_prefetches_and_load_a_few_at_once
     assert result.stall_seconds == pytest.approx(1 * MS)
 
 
+def test_a_predictor_of_the_layers_output_prefetches_only_once_it_has_computed():
+    # Layer 0 computes 2 ms; its one prefetch for layer 1 (1 ms) is hidden if issued at the
+    # start, and stalls layer 1 for the whole load if issued at the end.
+    forward = [[LayerStep(0, 1, 2, 0, [1]), LayerStep(1, 1, 1, 0)]]
+    assert simulate(forward, on_hardware, Link(LOAD)).stall_seconds == 0
+    late = simulate(forward, on_hardware, Link(LOAD), prefetch_after_compute=True)
+    assert late.stall_seconds == pytest.approx(1 * MS)
+
+
 def test_latency_is_shared_by_parallel_transfers():
     hardware = Hardware("test", 1.0, 1000.0, 4, 1.0, 1e6, 80.0)
     assert hardware.load_seconds(10**6) == pytest.approx(1 * MS + 0.25 * MS)

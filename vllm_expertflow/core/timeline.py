@@ -6,7 +6,8 @@ prefetch with its target layer. This module puts that log on a clock, one forwar
 
     layer start ──► demand loads queue on the link ──► compute starts when they and every
                     prefetch of this layer have landed ──► compute ends ──► next layer
-    prefetches issued at a layer enter the link queue when that layer's compute starts
+    prefetches issued at a layer enter the link queue when that layer's compute starts (or,
+    for predictors that read the layer's output, when it ends)
 
 The `Link` is how the pool moves experts. On a GPU, one copy stream: prefetches and demand
 loads in one FIFO queue, in issue order. On the CPU, the pool's I/O threads serve prefetches in
@@ -103,11 +104,13 @@ def simulate(
     compute: Callable[[LayerStep], float] | float,
     link: Link,
     extra_seconds_per_forward: float = 0.0,
+    prefetch_after_compute: bool = False,
 ) -> TimelineResult:
     """Puts the replay's forwards on one clock: `compute` gives a layer-step's compute time
     (from hardware figures with `compute_seconds`), or is one measured time for every
     layer-step; `extra_seconds_per_forward` (the non-MoE rest: embeddings, head) is added to
-    each forward's compute."""
+    each forward's compute. `prefetch_after_compute`: a layer's prefetches are issued when it
+    has computed (predictors that read its output), not when it starts."""
     result = TimelineResult()
     load = link.load_seconds
     clock = 0.0
@@ -130,9 +133,10 @@ def simulate(
             elif step.demand_loads:
                 ready = max(ready, start + -(-step.demand_loads // link.demand_readers) * load)
             compute_start = max(start, ready)
-            for target in step.prefetch_targets:  # in issue order
-                landed[target] = max(landed.get(target, 0.0), enqueue(compute_start))
             seconds = compute(step) if callable(compute) else compute
+            issued = compute_start + seconds if prefetch_after_compute else compute_start
+            for target in step.prefetch_targets:  # in issue order
+                landed[target] = max(landed.get(target, 0.0), enqueue(issued))
             result.stall_seconds += compute_start - start
             result.compute_seconds += seconds
             result.loads += step.demand_loads + len(step.prefetch_targets)

@@ -425,7 +425,11 @@ def add_limits(
             # readers: its I/O thread for prefetches, a layer's misses DEMAND_READERS at a time.
             latency = row["load_seconds"] / row["loads"] if row["loads"] else load_seconds
             link = Link(latency, prefetch_queues=IO_THREADS, demand_readers=DEMAND_READERS)
-            planned = simulate(result.forwards, layer_seconds, link)
+            predictor = specs[row["policy"]].get("predictor")
+            after_compute = predictor is not None and bool(predictor.context_inputs)
+            planned = simulate(
+                result.forwards, layer_seconds, link, prefetch_after_compute=after_compute
+            )
             row.update(
                 planned_tokens_per_s=batch * decode_tokens / planned.seconds,
                 planned_stall_share=planned.stall_share,

@@ -136,7 +136,11 @@ def run(args: argparse.Namespace) -> int:
             }
             floor = max(results["belady"].loads, 1)
             for policy, result in results.items():
-                timeline = simulate(result.forwards, on_hardware, link, rest)
+                predictor = policies[policy].get("predictor")
+                late = predictor is not None and bool(predictor.context_inputs)
+                timeline = simulate(
+                    result.forwards, on_hardware, link, rest, prefetch_after_compute=late
+                )
                 rows.append(
                     {
                         "policy": policy,

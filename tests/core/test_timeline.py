@@ -80,6 +80,9 @@ def test_a_predictor_of_the_layers_output_prefetches_only_once_it_has_computed()
     assert simulate(forward, on_hardware, Link(LOAD)).stall_seconds == 0
     late = simulate(forward, on_hardware, Link(LOAD), prefetch_after_compute=True)
     assert late.stall_seconds == pytest.approx(1 * MS)
+    # With 1 ms of attention before layer 1's MoE step, the late load lands in time.
+    led = simulate(forward, on_hardware, Link(LOAD), prefetch_after_compute=True, lead_seconds=MS)
+    assert led.stall_seconds == 0 and led.seconds == pytest.approx(5 * MS)
 
 
 def test_latency_is_shared_by_parallel_transfers():

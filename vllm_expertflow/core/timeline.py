@@ -105,12 +105,15 @@ def simulate(
     link: Link,
     extra_seconds_per_forward: float = 0.0,
     prefetch_after_compute: bool = False,
+    lead_seconds: float = 0.0,
 ) -> TimelineResult:
     """Puts the replay's forwards on one clock: `compute` gives a layer-step's compute time
     (from hardware figures with `compute_seconds`), or is one measured time for every
     layer-step; `extra_seconds_per_forward` (the non-MoE rest: embeddings, head) is added to
     each forward's compute. `prefetch_after_compute`: a layer's prefetches are issued when it
-    has computed (predictors that read its output), not when it starts."""
+    has computed (predictors that read its output), not when it starts. `lead_seconds`: the
+    part of each layer before its MoE step (attention): loads in flight go on landing during
+    it, and a layer only waits, and issues its demand loads, once it has run."""
     result = TimelineResult()
     load = link.load_seconds
     clock = 0.0
@@ -126,7 +129,7 @@ def simulate(
     for forward in forwards:
         result.tokens += forward[0].tokens if forward else 0
         for step in forward:
-            start = clock
+            start = clock + lead_seconds
             ready = landed.pop(step.layer, 0.0)
             if step.demand_loads and link.demand_readers is None:
                 ready = max(ready, *(enqueue(start) for _ in range(step.demand_loads)))
@@ -138,7 +141,7 @@ def simulate(
             for target in step.prefetch_targets:  # in issue order
                 landed[target] = max(landed.get(target, 0.0), enqueue(issued))
             result.stall_seconds += compute_start - start
-            result.compute_seconds += seconds
+            result.compute_seconds += lead_seconds + seconds
             result.loads += step.demand_loads + len(step.prefetch_targets)
             clock = compute_start + seconds
         clock += extra_seconds_per_forward

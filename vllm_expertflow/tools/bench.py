@@ -377,6 +377,7 @@ def add_limits(
     repeat the prompts), counted over its decode steps only, as decode time is measured. The
     planned figure replays the row's policy over the same steps and puts its loads on a clock
     (`core/timeline.py`): per layer-step, stock's decode time split evenly over the MoE layers
+    (loads land during its part before the MoE step; its kernel's share comes after any wait)
     plus the plugin's own work on the step thread (bookkeeping and prefetcher, by the engine's
     clocks); per load, the run's mean load time, on the CPU pool's readers.
     """
@@ -418,9 +419,14 @@ def add_limits(
                 timeline=True,
                 **specs[row["policy"]],
             )
-            # The plugin's own work on the step thread, by the engine's clocks in this run.
-            overhead = (row["bookkeeping_ms"] + row["predict_ms"]) / 1e3 / len(manifest["layers"])
-            layer_seconds = batch / stock[batch] / len(manifest["layers"]) + overhead
+            # Per layer: stock's time, split at the MoE step (the kernel's share, as this run
+            # measured it, comes after any wait for loads; the attention before goes on while
+            # they land), plus the plugin's own work on the step thread (engine clocks).
+            per_layer = 1e-3 / len(manifest["layers"])
+            stock_layer = batch / stock[batch] / len(manifest["layers"])
+            lead = max(stock_layer - row["kernel_ms"] * per_layer, 0.0)
+            overhead = (row["bookkeeping_ms"] + row["predict_ms"]) * per_layer
+            layer_seconds = stock_layer - lead + overhead
             # One load as the run's loads took (they overlap on the store), on the CPU pool's
             # readers: its I/O thread for prefetches, a layer's misses DEMAND_READERS at a time.
             latency = row["load_seconds"] / row["loads"] if row["loads"] else load_seconds
@@ -428,7 +434,11 @@ def add_limits(
             predictor = specs[row["policy"]].get("predictor")
             after_compute = predictor is not None and bool(predictor.context_inputs)
             planned = simulate(
-                result.forwards, layer_seconds, link, prefetch_after_compute=after_compute
+                result.forwards,
+                layer_seconds,
+                link,
+                prefetch_after_compute=after_compute,
+                lead_seconds=lead,
             )
             row.update(
                 planned_tokens_per_s=batch * decode_tokens / planned.seconds,

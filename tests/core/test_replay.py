@@ -210,3 +210,20 @@ def test_the_timeline_log_holds_exactly_the_counted_loads(num_slots):
         targets = [t for f in forwards for s in f for t in s.prefetch_targets]
         assert len(targets) == counted.prefetch_issued
         assert all(t in LAYERS for t in targets)
+
+
+def test_a_link_budget_caps_the_prefetches_of_each_layer_step():
+    manifest, tensors = random_trace()
+    oracle = OraclePredictor(tensors)
+    free = replay(manifest, tensors, 12, "prefetch", "predictive", oracle, prefetch_depth=2)
+    capped = replay(
+        manifest,
+        tensors,
+        12,
+        "prefetch",
+        "predictive",
+        oracle,
+        prefetch_depth=2,
+        prefetches_per_layer=1,
+    )
+    assert capped.prefetch_issued <= 300 * len(LAYERS) < free.prefetch_issued

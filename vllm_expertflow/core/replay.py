@@ -341,6 +341,7 @@ def replay(
     steps: list[list[int]] | None = None,
     warm_steps: int = 0,
     timeline: bool = False,
+    prefetches_per_layer: int | None = None,
 ) -> ReplayResult:
     """Replays the trace's forwards through the step and counts what the cache did.
 
@@ -349,6 +350,8 @@ def replay(
     the resident set in order of preference; the first `num_slots - top_k` are kept. `policy`
     applies to "ondemand" and "prefetch" (and is the scratch policy of "static"). `timeline`:
     also keep every measured layer-step's loads in issue order (`ReplayResult.forwards`).
+    `prefetches_per_layer`: the link budget the engine's prefetcher measures online (loads one
+    layer's time can hide); default: no limit, as a free link allows.
     """
     new_stats = _TimelineLog if timeline else OffloadStats
     if mode not in MODES:
@@ -372,7 +375,8 @@ def replay(
         predicted = _predictions(predictor, manifest, tensors, prefetch_depth)
         depth = min(prefetch_depth, predictor.max_depth)
         recorded = _PrecomputedPredictor(layers, depth, manifest["num_experts"], predicted)
-        prefetcher = Prefetcher(pool, recorded, depth, top_k, loads_per_layer=num_slots)
+        budget = prefetches_per_layer or num_slots
+        prefetcher = Prefetcher(pool, recorded, depth, top_k, loads_per_layer=budget)
     # The recorded predictor reads neither the hidden states nor the routing it is given.
     no_hidden, no_topk = torch.zeros(0, 1), torch.zeros(0, top_k, dtype=torch.long)
     for index in _progress(len(steps), f"replay {name or mode}", progress):

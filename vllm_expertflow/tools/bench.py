@@ -410,6 +410,11 @@ def add_limits(
         if row["policy"] in specs:
             generation = generation_steps(tensors, batch, decode_tokens)
             slots = slots_for_fraction(budget, len(manifest["layers"]), manifest["num_experts"])
+            # One load as the run's loads took (they overlap on the store), on the CPU pool's
+            # readers: its I/O thread for prefetches, a layer's misses DEMAND_READERS at a time.
+            latency = row["load_seconds"] / row["loads"] if row["loads"] else load_seconds
+            # The prefetcher's online link budget: the loads one layer's time hides.
+            layer_s = row["decode_step_ms"] / 1e3 / len(manifest["layers"])
             result = replay(
                 manifest,
                 tensors,
@@ -417,6 +422,7 @@ def add_limits(
                 steps=generation * 2,
                 warm_steps=len(generation) + 1,
                 timeline=True,
+                prefetches_per_layer=max(1, int(layer_s / latency)),
                 **specs[row["policy"]],
             )
             # Per layer: stock's time, split at the MoE step (the kernel's share, as this run
@@ -427,9 +433,6 @@ def add_limits(
             lead = max(stock_layer - row["kernel_ms"] * per_layer, 0.0)
             overhead = (row["bookkeeping_ms"] + row["predict_ms"]) * per_layer
             layer_seconds = stock_layer - lead + overhead
-            # One load as the run's loads took (they overlap on the store), on the CPU pool's
-            # readers: its I/O thread for prefetches, a layer's misses DEMAND_READERS at a time.
-            latency = row["load_seconds"] / row["loads"] if row["loads"] else load_seconds
             link = Link(latency, prefetch_queues=IO_THREADS, demand_readers=DEMAND_READERS)
             predictor = specs[row["policy"]].get("predictor")
             after_compute = predictor is not None and bool(predictor.context_inputs)

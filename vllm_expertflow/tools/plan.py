@@ -127,11 +127,23 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for batch in batches:
         steps = decode_batches(tensors["request_ids"], batch)
+        # The prefetcher's link budget, as it measures it online: the loads a layer hides.
+        routed = min(batch * manifest["top_k"], manifest["num_experts"])
+        layer_s = on_hardware(LayerStep(manifest["layers"][0], batch, routed))
+        prefetches = max(1, int(layer_s / link.load_seconds))
         for budget in tqdm(budgets, desc=f"plan batch {batch}", unit="budget"):
             slots = slots_for_fraction(budget, len(manifest["layers"]), manifest["num_experts"])
             fits = _pool_fits(footprint, hardware, slots)
             results = {
-                policy: replay(manifest, tensors, slots, steps=steps, timeline=True, **spec)
+                policy: replay(
+                    manifest,
+                    tensors,
+                    slots,
+                    steps=steps,
+                    timeline=True,
+                    prefetches_per_layer=prefetches,
+                    **spec,
+                )
                 for policy, spec in policies.items()
             }
             floor = max(results["belady"].loads, 1)

@@ -42,6 +42,9 @@ COUNTERS = {
     "bytes_loaded": "bytes copied from the backing store into the pool",
     "load_seconds": "seconds spent loading experts, demand and prefetch",
     "stall_seconds": "seconds the MoE step waited for expert loads",
+    "step_seconds": "seconds in the MoE step (kernel, stalls, prefetcher, bookkeeping)",
+    "kernel_seconds": "seconds in vLLM's kernel on the pool",
+    "predict_seconds": "seconds the prefetcher spent scoring, ranking and queuing loads",
 }
 
 

@@ -67,5 +67,6 @@ def test_only_workers_gone_without_logging_their_stats_are_logged_at_exit(tmp_pa
     assert records.messages == [
         "expertflow stats: lookups=201 hits=200 misses=1 hit_rate=0.995 loaded=0.0 MiB "
         "load_seconds=0.000 stall_seconds=0.000 prefetches issued/used/wasted=0/0/0 "
+        "step_seconds=0.000 kernel_seconds=0.000 predict_seconds=0.000 "
         f"(worker {gone.pid}, from its last snapshot)"
     ]

@@ -49,7 +49,8 @@ class LayerStats:
             f"hit_rate={self.hit_rate:.3f} loaded={self.bytes_loaded / 2**20:.1f} MiB "
             f"load_seconds={self.load_seconds:.3f} stall_seconds={self.stall_seconds:.3f} "
             f"prefetches issued/used/wasted={self.prefetches_issued}/{self.prefetches_used}/"
-            f"{self.prefetches_wasted}"
+            f"{self.prefetches_wasted} step_seconds={self.step_seconds:.3f} "
+            f"kernel_seconds={self.kernel_seconds:.3f} predict_seconds={self.predict_seconds:.3f}"
             + (
                 f" decoded={self.experts_decoded} decode_seconds={self.decode_seconds:.3f}"
                 if self.experts_decoded

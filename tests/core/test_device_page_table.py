@@ -36,3 +36,13 @@ def test_remap_is_one_gather_keeping_the_router_dtype():
     assert slots.dtype == torch.int64
     assert slots.tolist() == [[1, 3], [0, 1]]
     assert table.remap(4, torch.tensor([[2]], dtype=torch.int32)).tolist() == [[2]]
+
+
+def test_remap_keeps_the_router_ids_dtype_and_reads_small_ids_as_indices():
+    table = DevicePageTable([0], num_experts=4, device="cpu")
+    for expert, slot in ((0, 3), (1, 2), (2, 1), (3, 0)):
+        table.set(0, expert, slot)
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        ids = torch.tensor([[1, 0], [3, 2]], dtype=dtype)
+        slots = table.remap(0, ids)
+        assert slots.dtype == dtype and slots.tolist() == [[2, 3], [0, 1]]

@@ -85,6 +85,8 @@ def test_reconfigure_rebuilds_the_pool_and_restarts_the_stats_keeping_the_store(
     assert engine.pool.holds_every_expert
     assert engine.stats.total().misses == 0
     assert engine.stats.total().hits == topk_ids.unique().numel()
+    engine.run_layer(3, x[:1], topk_weights[:1], topk_ids[:1])  # one token: its k experts
+    assert engine.stats.total().hits == topk_ids.unique().numel() + topk_ids.shape[1]
     with pytest.raises(ExpertFlowConfigError, match="cannot change store"):
         engine.reconfigure({"store": "disk"})
 

@@ -139,3 +139,62 @@ def test_decode_batches_interleave_requests():
     import torch
 
     assert decode_batches(torch.from_numpy(request_ids), 2) == [[0, 3], [1, 4], [2], [5]]
+
+
+def gated_model_and_trace(tmp_path) -> tuple:
+    """A checkpoint folder with CONFIG and a router per MoE layer, and a trace recorded under
+    its config hash whose routing follows those routers (hidden states included)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vllm_expertflow.core.checkpoint import routing_config_hash
+    from vllm_expertflow.core.tracer import RoutingTracer
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(CONFIG))
+    hidden_size = 16
+    gen = torch.Generator().manual_seed(0)
+    gates = {layer: torch.randn(E, hidden_size, generator=gen) for layer in LAYERS}
+    save_file(
+        {f"model.layers.{layer}.feed_forward.router.weight": g for layer, g in gates.items()},
+        str(model / "model.safetensors"),
+    )
+    metadata = {
+        "model": str(model),
+        "config_hash": routing_config_hash(str(model)),
+        "layers": LAYERS,
+        "num_experts": E,
+        "top_k": K,
+        "hidden_size": hidden_size,
+    }
+    tracer = RoutingTracer(str(tmp_path / "trace"), metadata, max_tokens=200)
+    state = torch.randn(200, hidden_size, generator=gen)
+    for start in range(0, 200, 20):  # ten requests of twenty tokens
+        rows = slice(start, start + 20)
+        for layer in LAYERS:
+            topk = (state[rows] @ gates[layer].T).topk(K, dim=-1).indices
+            tracer.record(layer, state[rows], topk, state[rows])
+    tracer.close()
+    return model, tmp_path / "trace"
+
+
+def test_gate_plans_with_the_traced_models_routers_and_refuses_another_model(
+    inputs, tmp_path, capsys
+):
+    model, trace = gated_model_and_trace(tmp_path)
+    _, config = inputs
+    common = ["--hardware", "rtx4090", "--budgets", "0.25", "--policies", "gate,lru-ondemand"]
+    out = tmp_path / "plan"
+    assert plan(trace, config, out, *common, "--gate-model", str(model)) == 0
+    rows = {r["policy"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    # The routers are the routing's own, so gate's prefetches turn LRU's misses into hits.
+    assert rows["gate"]["hit_rate"] > rows["lru-ondemand"]["hit_rate"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**CONFIG, "vocab_size": 1}))
+    capsys.readouterr()
+    assert plan(trace, config, tmp_path / "refused", *common, "--gate-model", str(other)) == 2
+    assert capsys.readouterr().out.count("not the model the trace was recorded from") == 1
+    assert plan(trace, config, tmp_path / "refused", *common) == 2
+    assert "gate needs --gate-model DIR" in capsys.readouterr().out

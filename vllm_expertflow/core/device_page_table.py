@@ -39,7 +39,10 @@ class DevicePageTable:
 
     def remap(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """Router ids `[T, k]` as slot ids in the same dtype: valid for resident experts only."""
-        return self.row(layer)[topk_ids.long()].to(topk_ids.dtype)
+        # int32 and int64 ids index directly (no int64 copy); any other dtype (uint8 would read
+        # as a mask) is widened first. The slot ids come back in the router ids' dtype.
+        ids = topk_ids if topk_ids.dtype in (torch.int32, torch.int64) else topk_ids.long()
+        return self.row(layer)[ids].to(topk_ids.dtype)
 
     def set(self, layer: int, expert: int, slot: int) -> None:
         assert slot >= 0, "use clear() to mark an expert not resident"

@@ -1,15 +1,17 @@
 """One MoE layer's forward with offloaded experts, from the router's choice to the kernel.
 
-The one owner of the step: the engine (through vLLM), the offline replay and the GPU check all
-run these classes. The kernel is injected, so this file stays pure torch.
+The one owner of the step: the engine (through vLLM) and the GPU check run these classes, the
+offline replay runs the host step's bookkeeping (`pinned_rounds`: pin, load, prefetch, release)
+alone. The kernel is injected, so this file stays pure torch.
 
     vLLM's router: topk_ids [T, k], topk_weights [T, k]                     (vLLM's, unchanged)
         |
         +-- HostStep (option step=host: the CPU, quantized experts, predictors) ----------------+
         |   (a pool that holds every expert skips to [Remap]: nothing can miss or be evicted)   |
         |   [Plan]      plan_rounds: whole tokens grouped so each round's experts fit the pool  |
-        |   [Pin+Load]  ExpertPool.ensure_resident: page-table lookup, pin the hits, wait for   |
-        |               any still in flight, load the misses (evicting unpinned experts)        |
+        |   [Pin+Load]  (pinned_rounds, per round) ExpertPool.ensure_resident: page-table       |
+        |               lookup, pin the hits, wait for any still in flight, load the misses     |
+        |               (evicting unpinned experts)                                             |
         |   [Prefetch]  Prefetcher.after_routing: predictors of router inputs queue layers      |
         |               L+1..L+d's likeliest experts, loaded in the background (one round only) |
         |   [Remap]     DevicePageTable.remap: router ids -> slot ids, one gather               |
@@ -17,7 +19,7 @@ run these classes. The kernel is injected, so this file stays pure torch.
         |               round's slots decoded into a few kernel-layout slots; ids remapped      |
         |   [Kernel]    kernel(x, topk_weights, slot_ids, weights): vLLM's stock kernel on the  |
         |               pool's slot tensors (or the scratch's)                                  |
-        |   [Release]   unpin the round's slots                                                 |
+        |   [Release]   unpin the round's slots (pinned_rounds, when asked for the next round)  |
         |   [Prefetch]  Prefetcher.after_compute: predictors that read layer L's output         |
         +---------------------------------------------------------------------------------------+
         |
@@ -115,7 +117,9 @@ class HostStep(MoEStep):
         kernel = self.kernel_of(layer)
         if self.pool.holds_every_expert:
             # Nothing can miss or be evicted: book the lookups, remap, compute.
-            self.pool.stats.record_lookups(layer, topk_ids.unique().numel(), 0)
+            # One token's top-k experts are distinct: no `unique` op for a decode step of one.
+            looked_up = topk_ids.shape[1] if len(topk_ids) == 1 else topk_ids.unique().numel()
+            self.pool.stats.record_lookups(layer, looked_up, 0)
             slot_ids = self.pool.device_table.remap(layer, topk_ids)
             return self._compute(kernel, layer, x, topk_weights, slot_ids)
         # Counting hot-set experts against the free slots too is conservative but always fits.

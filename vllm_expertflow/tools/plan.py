@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vllm_expertflow.core.checkpoint import load_gate_weights, routing_config_hash
 from vllm_expertflow.core.files import atomic_path, write_text_atomically
 from vllm_expertflow.core.model_shape import EXPERT_DTYPE_BYTES, ModelFootprint
+from vllm_expertflow.core.predictor import GatePredictor
 from vllm_expertflow.core.replay import (
     PREDICTIVE_POLICIES,
     replay,
@@ -49,7 +51,7 @@ from vllm_expertflow.core.tracer import fit_routing, read_routing_npz, read_trac
 logger = logging.getLogger(__name__)
 
 # `gate` is left out: it needs the model's router weights, and a plan needs only its config.
-POLICIES = ("lru-ondemand", "static", "transition", "learned", "belady")
+POLICIES = ("lru-ondemand", "static", "gate", "transition", "learned", "belady")
 # Share of device memory vLLM may use (its default `gpu_memory_utilization`), and of that the
 # part kept for the KV cache and activations rather than weights and the pool.
 MEMORY_UTILIZATION, KV_SHARE = 0.9, 0.1
@@ -91,6 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", default="0.125,0.25,0.5", help="pool sizes (cache fractions)")
     parser.add_argument("--policies", default="lru-ondemand,belady", help=", ".join(POLICIES))
     parser.add_argument("--predictor", type=Path, help="predictor file for transition/learned")
+    parser.add_argument(
+        "--gate-model",
+        type=Path,
+        help="for gate: the traced model's checkpoint folder (its routers predict)",
+    )
     parser.add_argument("--static-experts", type=Path, help="hot set JSON for static")
     parser.add_argument("--prefetch-depth", type=int, default=1)
     parser.add_argument("--batches", default="1", help="decode batch sizes")
@@ -238,10 +245,13 @@ def _policies(args: argparse.Namespace, names: list[str], trace: tuple[dict, dic
     specs = {}
     for name in [*names, "belady"]:  # Belady's loads are every row's floor
         predictor, hot = None, None
-        if name in PREDICTIVE_POLICIES:
+        if name == "gate":
+            predictor = _gate_predictor(args, manifest)
+        elif name in PREDICTIVE_POLICIES:
             if args.predictor is None:
                 raise PlanError(f"plan: {name} needs --predictor FILE (from train-predictor)")
             predictor = load_predictor(str(args.predictor), manifest.get("config_hash"))
+        if predictor is not None:
             needs_hidden = f"hidden.{manifest['layers'][0]}" not in tensors
             if needs_hidden and name != "transition":
                 raise PlanError(
@@ -254,6 +264,24 @@ def _policies(args: argparse.Namespace, names: list[str], trace: tuple[dict, dic
             hot = [tuple(k) for k in json.loads(args.static_experts.read_text())]
         specs[name] = replay_spec(name, predictor, hot, args.prefetch_depth)
     return specs
+
+
+def _gate_predictor(args: argparse.Namespace, manifest: dict) -> GatePredictor:
+    """Speculative gating with the traced model's own routers, from its checkpoint."""
+    folder = args.gate_model
+    if folder is None or not (folder / "config.json").is_file():
+        raise PlanError(
+            "plan: gate needs --gate-model DIR, the checkpoint folder of the traced model"
+        )
+    if routing_config_hash(str(folder)) != manifest.get("config_hash"):
+        raise PlanError(
+            f"plan: --gate-model {folder} is not the model the trace was recorded from; give "
+            "that model's checkpoint folder"
+        )
+    try:
+        return GatePredictor(load_gate_weights(str(folder)), args.prefetch_depth)
+    except ValueError as error:
+        raise PlanError(f"plan: --gate-model {folder}: {error}") from None
 
 
 def _hardware(args: argparse.Namespace, footprint: ModelFootprint) -> Hardware:

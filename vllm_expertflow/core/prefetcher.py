@@ -88,16 +88,6 @@ class Prefetcher:
     ) -> None:
         """Queues loads for the layers after `layer`, likeliest first, within the link budget."""
         started = time.perf_counter()
-        self._queue_likeliest(layer, hidden, topk_ids, context)
-        self.pool.stats.record_predict(layer, time.perf_counter() - started)
-
-    def _queue_likeliest(
-        self,
-        layer: int,
-        hidden: torch.Tensor,
-        topk_ids: torch.Tensor,
-        context: dict[str, torch.Tensor] | None,
-    ) -> None:
         self.budget.layer_started()
         if self._predictive is not None:
             self._predictive.clear_predictions(layer)
@@ -115,11 +105,11 @@ class Prefetcher:
             if self.pool.table.num_resident_in(target) == self.pool.store.num_experts:
                 continue  # nothing to fetch: spare the predictor's cost
             targets.append((depth, target))
-        if not targets:
-            return
         depths = [depth for depth, _ in targets]
-        rankings = self.predictor.ranked_depths(
-            layer, depths, hidden, topk_ids, self.top_k, context
+        rankings = (
+            self.predictor.ranked_depths(layer, depths, hidden, topk_ids, self.top_k, context)
+            if targets
+            else []
         )
         for (_, target), ranked in zip(targets, rankings, strict=True):
             for expert, votes in ranked:
@@ -127,3 +117,4 @@ class Prefetcher:
                     self._predictive.predict((target, expert), votes)
                 if remaining > 0 and self.pool.prefetch(target, expert):
                     remaining -= 1
+        self.pool.stats.record_predict(layer, time.perf_counter() - started)

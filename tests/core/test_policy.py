@@ -149,7 +149,7 @@ def test_choices_follow_the_layer_share_without_listing_every_slot(name, seed, n
 
 @pytest.mark.parametrize("seed", range(4))
 def test_predictive_choice_scores_every_slot_as_expected_wait_does(seed):
-    """The array scoring picks the evictable slot a loop over `expected_wait` would (the least
+    """The compiled scoring picks the evictable slot a loop over `expected_wait` would (the least
     recently used of equals), through turns, prefetches, predictions, expiries and pins."""
     import random
 

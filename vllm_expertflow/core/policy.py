@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 
+import numba
 import numpy as np
 
 ExpertKey = tuple[int, int]  # (layer, expert)
@@ -164,6 +165,42 @@ class LFUPolicy(_RecencyOrder):
         )
 
 
+_HALF_LIFE = 16.0  # turns of its layer until an expert's use count halves
+_DECAY_PER_TURN = 1.0 - 0.5 ** (1.0 / _HALF_LIFE)  # a rate of 1 use per turn, as a count
+
+
+@numba.njit(cache=True)
+def _expected_wait(decayed: float, share: float, distance: float, num_layers: int) -> float:
+    """`PredictivePolicy`'s expected wait, from an expert's decayed use count, its predicted
+    share (NaN: none) and the turns until its layer runs next."""
+    p = max(min(1.0, decayed * _DECAY_PER_TURN), 1e-3)  # never used lately is not never again
+    s = p if np.isnan(share) else share
+    return distance + (1.0 - s) * num_layers / p
+
+
+@numba.njit(cache=True)
+def _longest_wait(
+    scored, counts, lasts, layer_of, shares, stamps, turn_of, distance_of, decay, num_layers
+):
+    """(the scored slot with the longest expected wait, the least stamped of equals, or -1;
+    -1, or the oldest age in turns if `decay` does not reach it)."""
+    best, best_wait, best_stamp, oldest = -1, -np.inf, 0, -1
+    for slot in range(len(scored)):
+        if not scored[slot]:
+            continue
+        layer = layer_of[slot]
+        age = turn_of[layer] - lasts[slot]
+        if age >= len(decay):
+            oldest = max(oldest, age)
+            continue
+        wait = _expected_wait(
+            counts[slot] * decay[age], shares[slot], distance_of[layer], num_layers
+        )
+        if wait > best_wait or (wait == best_wait and stamps[slot] < best_stamp):
+            best, best_wait, best_stamp = slot, wait, stamps[slot]
+    return best, oldest
+
+
 class PredictivePolicy(_RecencyOrder):
     """Evicts the expert expected to be needed again furthest in the future: Belady's rule with
     the future estimated, by the predictor where it looks and by recent frequency elsewhere.
@@ -171,7 +208,7 @@ class PredictivePolicy(_RecencyOrder):
     MoE layers run in a fixed cycle of L turns. An expert of the layer whose turn is d steps
     away is needed at that turn with probability s, else at a later turn of its layer, each
     with probability p: expected wait d + (1 - s) * L / p. p is how often it was routed at its
-    layer's recent turns (a count that halves every `HALF_LIFE` turns); s is the predictor's
+    layer's recent turns (a count that halves every `_HALF_LIFE` turns); s is the predictor's
     share of tokens routed to it at that turn when the prefetcher has scored it, else p. Ties
     go to the least recently used.
 
@@ -181,9 +218,6 @@ class PredictivePolicy(_RecencyOrder):
     better than LRU: history alone does not say what comes next.
     """
 
-    HALF_LIFE = 16.0
-    _DECAY_PER_TURN = 1.0 - 0.5 ** (1.0 / HALF_LIFE)  # a rate of 1 use per turn, as a count
-
     def __init__(self, layer_share: int | None = None) -> None:
         # The cycle distance already says which layer needs its experts next: no share.
         super().__init__(layer_share=None)
@@ -192,8 +226,7 @@ class PredictivePolicy(_RecencyOrder):
         self._turns: dict[int, int] = {}
         self._uses: dict[ExpertKey, tuple[float, int]] = {}  # decayed count, turn last updated
         self._share: dict[ExpertKey, float] = {}
-        # The same, per slot, so a choice scores every resident expert in a few array
-        # operations (1,536 slots: one Python loop took over a millisecond per eviction).
+        # The same, per slot, as arrays a compiled loop scores at every choice.
         self._slot_of: dict[ExpertKey, int] = {}
         self._resident = np.zeros(0, dtype=bool)
         self._counts = np.zeros(0)
@@ -201,7 +234,7 @@ class PredictivePolicy(_RecencyOrder):
         self._layer_of = np.zeros(0, dtype=np.int64)
         self._shares = np.zeros(0)  # NaN: no prediction
         self._stamps = np.zeros(0, dtype=np.int64)
-        # 0.5 ** (age / HALF_LIFE) by age in turns, as `_decayed` computes it.
+        # 0.5 ** (age / _HALF_LIFE) by age in turns, as `_decayed` computes it.
         self._decay = np.ones(1)
         self._turns_taken = 0
         self._cycle_key: tuple | None = None
@@ -274,45 +307,34 @@ class PredictivePolicy(_RecencyOrder):
             self._turns[layer] = 0
 
     def expected_wait(self, key: ExpertKey) -> float:
-        """Layer turns until `key` is expected to be needed again (`choose_victim` scores every
-        slot with this arithmetic at once)."""
-        layer, num_layers = key[0], len(self._layers)
+        """Layer turns until `key` is expected to be needed again."""
+        layer = key[0]
         count, last = self._uses.get(key, (0.0, 0))
-        p = min(1.0, self._decayed(count, last, self._turns[layer]) * self._DECAY_PER_TURN)
-        p = max(p, 1e-3)  # never used lately is not never used again
-        s = self._share.get(key, p)
         current = self._layers.index(self._current) if self._current is not None else -1
-        distance = (self._layers.index(layer) - current) % num_layers
-        return (distance or num_layers) + (1.0 - s) * num_layers / p
+        num_layers = len(self._layers)
+        distance = (self._layers.index(layer) - current) % num_layers or num_layers
+        decayed = self._decayed(count, last, self._turns[layer])
+        return _expected_wait(decayed, self._share.get(key, np.nan), float(distance), num_layers)
 
     def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
         """The evictable slot with the longest `expected_wait`, the least recently used of
-        equals: the same arithmetic, in the same order, on every resident slot at once."""
-        # Over every slot's entry (a slot not resident scores -inf): no gathers of subsets.
+        equals: the same arithmetic on every resident slot, compiled (a choice is on the path
+        of every miss; as about 20 array operations it took 35 us at any pool size)."""
         turn_of, distance_of = self._cycle_position()
-        layers = self._layer_of
-        ages = turn_of[layers] - self._lasts
-        oldest = int(ages.max(initial=0))
-        if len(self._decay) <= oldest:
-            more = [0.5 ** (age / self.HALF_LIFE) for age in range(len(self._decay), oldest + 1)]
-            self._decay = np.concatenate([self._decay, more])
-        decayed = self._counts * self._decay[ages]
-        p = np.maximum(np.minimum(1.0, decayed * self._DECAY_PER_TURN), 1e-3)
-        s = np.where(np.isnan(self._shares), p, self._shares)
-        waits = distance_of[layers] + (1.0 - s) * self._num_layers / p
-        waits = np.where(self._resident, waits, -np.inf)
-        if not len(waits) or waits.max() == -np.inf:
-            return None
-        # Usually the longest wait's least recent slot is evictable: no need to sort them all.
-        longest = np.flatnonzero(waits == waits.max())
-        first = int(longest[np.argmin(self._stamps[longest])])
-        if is_evictable(first):
-            return first
-        slots = np.flatnonzero(self._resident)
-        for index in np.lexsort((self._stamps[slots], -waits[slots])):
-            if is_evictable(int(slots[index])):
-                return int(slots[index])
-        return None
+        scored = self._resident
+        while True:
+            slot, oldest = _longest_wait(
+                scored, self._counts, self._lasts, self._layer_of, self._shares, self._stamps,
+                turn_of, distance_of, self._decay, self._num_layers,
+            )  # fmt: skip
+            if oldest >= 0:  # the decay table is too short: extend it and score again
+                more = [0.5 ** (age / _HALF_LIFE) for age in range(len(self._decay), oldest + 1)]
+                self._decay = np.concatenate([self._decay, more])
+            elif slot < 0 or is_evictable(slot):
+                return None if slot < 0 else slot
+            else:  # pinned for this step: the next longest wait
+                scored = scored.copy() if scored is self._resident else scored
+                scored[slot] = False
 
     def _cycle_position(self) -> tuple[np.ndarray, np.ndarray]:
         """Per layer id: its turn count, and the turns until it runs next (a full cycle for
@@ -331,7 +353,7 @@ class PredictivePolicy(_RecencyOrder):
         return self._cycle
 
     def _decayed(self, count: float, last: int, turn: int) -> float:
-        return count * 0.5 ** ((turn - last) / self.HALF_LIFE)
+        return count * 0.5 ** ((turn - last) / _HALF_LIFE)
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {

@@ -160,7 +160,7 @@ def test_predictive_choice_scores_every_slot_as_expected_wait_does(seed):
     pinned: set[int] = set()
 
     def check(evictable, key) -> bool:
-        waits = [(policy.expected_wait(k), s) for s, k in policy._order.items() if evictable(s)]
+        waits = [(policy.expected_wait(k), s) for s, k in policy._key_of.items() if evictable(s)]
         best = max(w for w, _ in waits)
         assert policy.choose_victim(evictable, key) == next(s for w, s in waits if w == best)
         return True

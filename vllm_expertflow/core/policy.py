@@ -179,12 +179,15 @@ def _expected_wait(decayed: float, share: float, distance: float, num_layers: in
 
 
 @numba.njit(cache=True)
-def _longest_wait(
-    scored, counts, lasts, layer_of, shares, stamps, turn_of, distance_of, decay, num_layers
+def _longest_waits(
+    scored, counts, lasts, layer_of, shares, stamps, turn_of, distance_of, decay, num_layers, out
 ):
-    """(the scored slot with the longest expected wait, the least stamped of equals, or -1;
-    -1, or the oldest age in turns if `decay` does not reach it)."""
-    best, best_wait, best_stamp, oldest = -1, -np.inf, 0, -1
+    """Fills `out` with the scored slots of the longest expected waits, longest first, the
+    least stamped of equals first (-1 past the last); returns -1, or the oldest age in turns
+    if `decay` does not reach it."""
+    waits = np.full(len(out), -np.inf)
+    out[:] = -1
+    oldest = -1
     for slot in range(len(scored)):
         if not scored[slot]:
             continue
@@ -196,12 +199,24 @@ def _longest_wait(
         wait = _expected_wait(
             counts[slot] * decay[age], shares[slot], distance_of[layer], num_layers
         )
-        if wait > best_wait or (wait == best_wait and stamps[slot] < best_stamp):
-            best, best_wait, best_stamp = slot, wait, stamps[slot]
-    return best, oldest
+        place = len(out)  # insertion into the short ranking, from its end
+        while place > 0 and (
+            wait > waits[place - 1]
+            or (
+                wait == waits[place - 1]
+                and out[place - 1] >= 0
+                and stamps[slot] < stamps[out[place - 1]]
+            )
+        ):
+            place -= 1
+        if place < len(out):
+            waits[place + 1 :] = waits[place:-1].copy()
+            out[place + 1 :] = out[place:-1].copy()
+            waits[place], out[place] = wait, slot
+    return oldest
 
 
-class PredictivePolicy(_RecencyOrder):
+class PredictivePolicy(EvictionPolicy):
     """Evicts the expert expected to be needed again furthest in the future: Belady's rule with
     the future estimated, by the predictor where it looks and by recent frequency elsewhere.
 
@@ -218,28 +233,30 @@ class PredictivePolicy(_RecencyOrder):
     better than LRU: history alone does not say what comes next.
     """
 
-    def __init__(self, layer_share: int | None = None) -> None:
-        # The cycle distance already says which layer needs its experts next: no share.
-        super().__init__(layer_share=None)
+    def __init__(self) -> None:
+        # No layer share: the cycle distance already says which layer needs its experts next.
         self._layers: list[int] = []  # in run order, learned as each first runs
+        self._place: dict[int, int] = {}  # layer -> its place in `_layers`
         self._current: int | None = None
-        self._turns: dict[int, int] = {}
         self._uses: dict[ExpertKey, tuple[float, int]] = {}  # decayed count, turn last updated
         self._share: dict[ExpertKey, float] = {}
-        # The same, per slot, as arrays a compiled loop scores at every choice.
+        self._key_of: dict[int, ExpertKey] = {}  # slot -> key, for the slots it may evict
         self._slot_of: dict[ExpertKey, int] = {}
+        self._pinned_for_good: set[int] = set()
+        self._clock = 0
+        # What a choice scores, per slot, as arrays a compiled loop reads.
         self._resident = np.zeros(0, dtype=bool)
         self._counts = np.zeros(0)
         self._lasts = np.zeros(0, dtype=np.int64)
         self._layer_of = np.zeros(0, dtype=np.int64)
         self._shares = np.zeros(0)  # NaN: no prediction
-        self._stamps = np.zeros(0, dtype=np.int64)
+        self._stamps = np.zeros(0, dtype=np.int64)  # when last held: ties go to the oldest
+        # Per layer id: its turns so far, and (per place of the layer running now) the turns
+        # until each layer runs next, a full cycle for the one running.
+        self._turn_of = np.zeros(0, dtype=np.int64)
+        self._distances: dict[int, np.ndarray] = {}
         # 0.5 ** (age / _HALF_LIFE) by age in turns, as `_decayed` computes it.
         self._decay = np.ones(1)
-        self._turns_taken = 0
-        self._cycle_key: tuple | None = None
-        self._cycle: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
-        self._num_layers = 0
 
     def predict(self, key: ExpertKey, share: float) -> None:
         """`share`: the predicted share of tokens routed to `key` at its layer's next turn."""
@@ -253,24 +270,23 @@ class PredictivePolicy(_RecencyOrder):
         self._shares[self._layer_of == layer] = np.nan
 
     def never_evict(self, slot: int) -> None:
-        super().never_evict(slot)
+        del self._key_of[slot]
+        self._pinned_for_good.add(slot)
         self._resident[slot] = False  # scored no more
 
     def forget(self, slot: int) -> None:
-        key = self._order.get(slot)
+        key = self._key_of.pop(slot, None)
         if key is not None:
             del self._slot_of[key]
             self._resident[slot] = False
-        super().forget(slot)
 
     def record_access(self, slot: int, key: ExpertKey) -> None:
         layer = key[0]
         if layer != self._current:  # a new turn of `layer`
             self._know(layer)
-            self._turns[layer] += 1
-            self._turns_taken += 1
+            self._turn_of[layer] += 1
             self._current = layer
-        turn = self._turns[layer]
+        turn = int(self._turn_of[layer])
         count, last = self._uses.get(key, (0.0, 0))
         if last != turn:  # once per turn, whatever the rounds
             self._uses[key] = (self._decayed(count, last, turn) + 1.0, turn)
@@ -282,75 +298,82 @@ class PredictivePolicy(_RecencyOrder):
         self._hold(slot, key)
 
     def _hold(self, slot: int, key: ExpertKey) -> None:
-        """`slot` holds `key`, just used: the recency order and the slot's scoring inputs."""
-        held = self._order.get(slot)
-        if held is not None and held != key:
-            del self._slot_of[held]
-        _RecencyOrder.record_access(self, slot, key)
+        """`slot` holds `key`, just used: the slot's scoring inputs."""
+        self._clock += 1
         if slot >= len(self._resident):
-            grow = max(slot + 1, 2 * len(self._resident))
             for name in ("_resident", "_counts", "_lasts", "_layer_of", "_shares", "_stamps"):
-                array = getattr(self, name)
-                setattr(
-                    self, name, np.concatenate([array, np.zeros(grow - len(array), array.dtype)])
-                )
+                setattr(self, name, self._grown(getattr(self, name), slot))
+        evictable = slot not in self._pinned_for_good
+        if evictable:
+            held = self._key_of.get(slot)
+            if held is not None and held != key:
+                del self._slot_of[held]
+            self._key_of[slot] = key
+            self._stamps[slot] = self._clock
         count, last = self._uses.get(key, (0.0, 0))
         self._slot_of[key] = slot
-        self._resident[slot] = slot not in self._pinned_for_good
+        self._resident[slot] = evictable
         self._counts[slot], self._lasts[slot], self._layer_of[slot] = count, last, key[0]
         self._shares[slot] = self._share.get(key, np.nan)
-        self._stamps[slot] = self._stamp[slot]
+
+    @staticmethod
+    def _grown(array: np.ndarray, index: int) -> np.ndarray:
+        if index < len(array):
+            return array
+        size = max(index + 1, 2 * len(array))
+        return np.concatenate([array, np.zeros(size - len(array), array.dtype)])
 
     def _know(self, layer: int) -> None:
-        if layer not in self._turns:
+        if layer not in self._place:
             self._layers = sorted([*self._layers, layer])
-            self._turns[layer] = 0
+            self._place = {known: place for place, known in enumerate(self._layers)}
+            self._turn_of = self._grown(self._turn_of, layer)
+            self._distances = {}
 
     def expected_wait(self, key: ExpertKey) -> float:
         """Layer turns until `key` is expected to be needed again."""
         layer = key[0]
         count, last = self._uses.get(key, (0.0, 0))
-        current = self._layers.index(self._current) if self._current is not None else -1
-        num_layers = len(self._layers)
-        distance = (self._layers.index(layer) - current) % num_layers or num_layers
-        decayed = self._decayed(count, last, self._turns[layer])
-        return _expected_wait(decayed, self._share.get(key, np.nan), float(distance), num_layers)
+        decayed = self._decayed(count, last, int(self._turn_of[layer]))
+        distance = self._distances_now()[layer]
+        return _expected_wait(decayed, self._share.get(key, np.nan), distance, len(self._layers))
 
     def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
         """The evictable slot with the longest `expected_wait`, the least recently used of
         equals: the same arithmetic on every resident slot, compiled (a choice is on the path
         of every miss; as about 20 array operations it took 35 us at any pool size)."""
-        turn_of, distance_of = self._cycle_position()
+        distance_of = self._distances_now()
         scored = self._resident
+        ranked = np.empty(4, dtype=np.int64)  # most choices take the first or second
         while True:
-            slot, oldest = _longest_wait(
+            oldest = _longest_waits(
                 scored, self._counts, self._lasts, self._layer_of, self._shares, self._stamps,
-                turn_of, distance_of, self._decay, self._num_layers,
+                self._turn_of, distance_of, self._decay, len(self._layers), ranked,
             )  # fmt: skip
             if oldest >= 0:  # the decay table is too short: extend it and score again
                 more = [0.5 ** (age / _HALF_LIFE) for age in range(len(self._decay), oldest + 1)]
                 self._decay = np.concatenate([self._decay, more])
-            elif slot < 0 or is_evictable(slot):
-                return None if slot < 0 else slot
-            else:  # pinned for this step: the next longest wait
-                scored = scored.copy() if scored is self._resident else scored
-                scored[slot] = False
+                continue
+            for slot in ranked.tolist():
+                if slot < 0:
+                    return None
+                if is_evictable(slot):
+                    return slot
+            # All pinned for this step: the next longest waits.
+            scored = scored.copy() if scored is self._resident else scored
+            scored[ranked] = False
 
-    def _cycle_position(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per layer id: its turn count, and the turns until it runs next (a full cycle for
-        the layer running now); rebuilt only when a turn or the known layers change."""
-        key = (self._current, self._turns_taken, len(self._layers))
-        if key != self._cycle_key:
+    def _distances_now(self) -> np.ndarray:
+        """Per layer id, the turns until it runs next, counted from the layer running now."""
+        current = self._place[self._current] if self._current is not None else -1
+        distances = self._distances.get(current)
+        if distances is None:
             num_layers = len(self._layers)
-            current = self._layers.index(self._current) if self._current is not None else -1
-            turn_of = np.zeros(max(self._layers) + 1, dtype=np.int64)
-            distance_of = np.zeros(len(turn_of))
+            distances = np.zeros(len(self._turn_of))
             for place, layer in enumerate(self._layers):
-                turn_of[layer] = self._turns[layer]
-                distance_of[layer] = (place - current) % num_layers or num_layers
-            self._cycle_key, self._cycle = key, (turn_of, distance_of)
-            self._num_layers = num_layers
-        return self._cycle
+                distances[layer] = (place - current) % num_layers or num_layers
+            self._distances[current] = distances
+        return distances
 
     def _decayed(self, count: float, last: int, turn: int) -> float:
         return count * 0.5 ** ((turn - last) / _HALF_LIFE)
@@ -368,7 +391,8 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
 
 def make_policy(name: str, num_slots: int, num_layers: int) -> EvictionPolicy:
     """A policy for a pool of `num_slots` shared by `num_layers` MoE layers."""
-    layer_share = None if name == "static" else max(1, num_slots // num_layers)
     if name not in POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; valid: {', '.join(POLICIES)}")
-    return POLICIES[name](layer_share)
+    if name == "predictive":
+        return PredictivePolicy()
+    return POLICIES[name](None if name == "static" else max(1, num_slots // num_layers))

@@ -177,3 +177,24 @@ def test_predictive_choice_scores_every_slot_as_expected_wait_does(seed):
                 )
             policy.clear_predictions(layer)
     assert choices > 200
+
+
+def test_numba_loads_with_the_first_choice_not_before():
+    """vLLM's worker fails to start once numba is loaded (see `wait_scoring`): the engine's
+    modules and a policy's bookkeeping must not load it; the first choice does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import vllm_expertflow.core.engine\n"
+        "from vllm_expertflow.core.page_table import PageTable\n"
+        "from vllm_expertflow.core.policy import PredictivePolicy\n"
+        "table = PageTable(2, PredictivePolicy())\n"
+        "table.allocate((0, 0)); table.allocate((1, 0))\n"
+        "print('numba' in sys.modules)\n"
+        "table.allocate((2, 0))\n"
+        "print('numba' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["False", "True"]

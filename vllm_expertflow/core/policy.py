@@ -10,7 +10,6 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 
-import numba
 import numpy as np
 
 ExpertKey = tuple[int, int]  # (layer, expert)
@@ -165,55 +164,8 @@ class LFUPolicy(_RecencyOrder):
         )
 
 
-_HALF_LIFE = 16.0  # turns of its layer until an expert's use count halves
-_DECAY_PER_TURN = 1.0 - 0.5 ** (1.0 / _HALF_LIFE)  # a rate of 1 use per turn, as a count
-
-
-@numba.njit(cache=True)
-def _expected_wait(decayed: float, share: float, distance: float, num_layers: int) -> float:
-    """`PredictivePolicy`'s expected wait, from an expert's decayed use count, its predicted
-    share (NaN: none) and the turns until its layer runs next."""
-    p = max(min(1.0, decayed * _DECAY_PER_TURN), 1e-3)  # never used lately is not never again
-    s = p if np.isnan(share) else share
-    return distance + (1.0 - s) * num_layers / p
-
-
-@numba.njit(cache=True)
-def _longest_waits(
-    scored, counts, lasts, layer_of, shares, stamps, turn_of, distance_of, decay, num_layers, out
-):
-    """Fills `out` with the scored slots of the longest expected waits, longest first, the
-    least stamped of equals first (-1 past the last); returns -1, or the oldest age in turns
-    if `decay` does not reach it."""
-    waits = np.full(len(out), -np.inf)
-    out[:] = -1
-    oldest = -1
-    for slot in range(len(scored)):
-        if not scored[slot]:
-            continue
-        layer = layer_of[slot]
-        age = turn_of[layer] - lasts[slot]
-        if age >= len(decay):
-            oldest = max(oldest, age)
-            continue
-        wait = _expected_wait(
-            counts[slot] * decay[age], shares[slot], distance_of[layer], num_layers
-        )
-        place = len(out)  # insertion into the short ranking, from its end
-        while place > 0 and (
-            wait > waits[place - 1]
-            or (
-                wait == waits[place - 1]
-                and out[place - 1] >= 0
-                and stamps[slot] < stamps[out[place - 1]]
-            )
-        ):
-            place -= 1
-        if place < len(out):
-            waits[place + 1 :] = waits[place:-1].copy()
-            out[place + 1 :] = out[place:-1].copy()
-            waits[place], out[place] = wait, slot
-    return oldest
+HALF_LIFE = 16.0  # turns of its layer until an expert's use count halves
+DECAY_PER_TURN = 1.0 - 0.5 ** (1.0 / HALF_LIFE)  # a rate of 1 use per turn, as a count
 
 
 class PredictivePolicy(EvictionPolicy):
@@ -223,7 +175,7 @@ class PredictivePolicy(EvictionPolicy):
     MoE layers run in a fixed cycle of L turns. An expert of the layer whose turn is d steps
     away is needed at that turn with probability s, else at a later turn of its layer, each
     with probability p: expected wait d + (1 - s) * L / p. p is how often it was routed at its
-    layer's recent turns (a count that halves every `_HALF_LIFE` turns); s is the predictor's
+    layer's recent turns (a count that halves every `HALF_LIFE` turns); s is the predictor's
     share of tokens routed to it at that turn when the prefetcher has scored it, else p. Ties
     go to the least recently used.
 
@@ -255,7 +207,7 @@ class PredictivePolicy(EvictionPolicy):
         # until each layer runs next, a full cycle for the one running.
         self._turn_of = np.zeros(0, dtype=np.int64)
         self._distances: dict[int, np.ndarray] = {}
-        # 0.5 ** (age / _HALF_LIFE) by age in turns, as `_decayed` computes it.
+        # 0.5 ** (age / HALF_LIFE) by age in turns, as `_decayed` computes it.
         self._decay = np.ones(1)
 
     def predict(self, key: ExpertKey, share: float) -> None:
@@ -336,22 +288,28 @@ class PredictivePolicy(EvictionPolicy):
         count, last = self._uses.get(key, (0.0, 0))
         decayed = self._decayed(count, last, int(self._turn_of[layer]))
         distance = self._distances_now()[layer]
-        return _expected_wait(decayed, self._share.get(key, np.nan), distance, len(self._layers))
+        from . import wait_scoring  # late: see its docstring
+
+        return wait_scoring.expected_wait(
+            decayed, self._share.get(key, np.nan), distance, len(self._layers)
+        )
 
     def choose_victim(self, is_evictable: Callable[[int], bool], incoming: ExpertKey) -> int | None:
         """The evictable slot with the longest `expected_wait`, the least recently used of
         equals: the same arithmetic on every resident slot, compiled (a choice is on the path
         of every miss; as about 20 array operations it took 35 us at any pool size)."""
+        from . import wait_scoring  # late: see its docstring
+
         distance_of = self._distances_now()
         scored = self._resident
         ranked = np.empty(4, dtype=np.int64)  # most choices take the first or second
         while True:
-            oldest = _longest_waits(
+            oldest = wait_scoring.longest_waits(
                 scored, self._counts, self._lasts, self._layer_of, self._shares, self._stamps,
                 self._turn_of, distance_of, self._decay, len(self._layers), ranked,
             )  # fmt: skip
             if oldest >= 0:  # the decay table is too short: extend it and score again
-                more = [0.5 ** (age / _HALF_LIFE) for age in range(len(self._decay), oldest + 1)]
+                more = [0.5 ** (age / HALF_LIFE) for age in range(len(self._decay), oldest + 1)]
                 self._decay = np.concatenate([self._decay, more])
                 continue
             for slot in ranked.tolist():
@@ -376,7 +334,7 @@ class PredictivePolicy(EvictionPolicy):
         return distances
 
     def _decayed(self, count: float, last: int, turn: int) -> float:
-        return count * 0.5 ** ((turn - last) / _HALF_LIFE)
+        return count * 0.5 ** ((turn - last) / HALF_LIFE)
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {

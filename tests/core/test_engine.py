@@ -79,14 +79,15 @@ def test_reconfigure_rebuilds_the_pool_and_restarts_the_stats_keeping_the_store(
     assert engine.stats.layers == {}
     # A pool that holds every expert is filled at once: serving never misses.
     assert engine.pool.table.num_resident == 2 * NUM_EXPERTS
-    w = weights[3]
-    expected = silu_experts(x, w["w13"], w["w2"], topk_weights, topk_ids)
-    assert torch.allclose(engine.run_layer(3, x, topk_weights, topk_ids), expected)
-    assert engine.pool.holds_every_expert
+    for layer in LAYERS:  # on each layer's own experts (the kernel reads them in place)
+        w = weights[layer]
+        expected = silu_experts(x, w["w13"], w["w2"], topk_weights, topk_ids)
+        assert torch.allclose(engine.run_layer(layer, x, topk_weights, topk_ids), expected)
+    assert engine.pool.holds_every_expert and engine.pool.layer_views is not None
     assert engine.stats.total().misses == 0
-    assert engine.stats.total().hits == topk_ids.unique().numel()
+    assert engine.stats.total().hits == 2 * topk_ids.unique().numel()
     engine.run_layer(3, x[:1], topk_weights[:1], topk_ids[:1])  # one token: its k experts
-    assert engine.stats.total().hits == topk_ids.unique().numel() + topk_ids.shape[1]
+    assert engine.stats.total().hits == 2 * topk_ids.unique().numel() + topk_ids.shape[1]
     with pytest.raises(ExpertFlowConfigError, match="cannot change store"):
         engine.reconfigure({"store": "disk"})
 

@@ -237,6 +237,18 @@ def test_fill_loads_experts_that_stay_evictable():
     pool.release(slots)
 
 
+def test_a_pool_filled_layer_by_layer_views_each_layers_experts_in_expert_order():
+    every = [(layer, e) for layer in range(3) for e in range(NUM_EXPERTS)]
+    pool, weights = make_pool(len(every))
+    pool.fill(every)
+    assert pool.holds_every_expert
+    for layer in range(3):  # indexed by router ids, each view holds its own layer's experts
+        assert torch.equal(pool.layer_views[layer]["w13"], weights[layer])
+    shuffled, _ = make_pool(len(every))
+    shuffled.fill(every[::-1])  # every expert, but in slots the ids do not index: no views
+    assert shuffled.holds_every_expert and shuffled.layer_views is None
+
+
 def test_a_failed_background_load_is_raised_not_computed_on():
     pool, _ = make_pool(4)
 

@@ -7,7 +7,8 @@ alone. The kernel is injected, so this file stays pure torch.
     vLLM's router: topk_ids [T, k], topk_weights [T, k]                     (vLLM's, unchanged)
         |
         +-- HostStep (option step=host: the CPU, quantized experts, predictors) ----------------+
-        |   (a pool that holds every expert skips to [Remap]: nothing can miss or be evicted)   |
+        |   (a pool that holds every expert skips to [Kernel], on the layer's own slots in      |
+        |   expert order, with the router's ids as they are: nothing can miss or be evicted)    |
         |   [Plan]      plan_rounds: whole tokens grouped so each round's experts fit the pool  |
         |   [Pin+Load]  (pinned_rounds, per round) ExpertPool.ensure_resident: page-table       |
         |               lookup, pin the hits, wait for any still in flight, load the misses     |
@@ -120,6 +121,11 @@ class HostStep(MoEStep):
             # One token's top-k experts are distinct: no `unique` op for a decode step of one.
             looked_up = topk_ids.shape[1] if len(topk_ids) == 1 else topk_ids.unique().numel()
             self.pool.stats.record_lookups(layer, looked_up, 0)
+            if self.pool.layer_views is not None and self.scratch is None:
+                # The layer's own slots, in expert order: the router's ids need no remap
+                # (a gather costing a fifth of a demo layer's kernel time).
+                weights = self.pool.layer_views[layer]
+                return self._timed(kernel, x, topk_weights, topk_ids, weights)
             slot_ids = self.pool.device_table.remap(layer, topk_ids)
             return self._compute(kernel, layer, x, topk_weights, slot_ids)
         # Counting hot-set experts against the free slots too is conservative but always fits.

@@ -139,6 +139,9 @@ class ExpertPool:
         self._num_permanent = 0
         self.mean_load_seconds: float | None = None  # per expert, a running mean
         self.holds_every_expert = False  # set by `fill`
+        # Set by `fill` when each layer's experts sit in consecutive slots in expert order:
+        # per layer, its slot tensors' views, which kernels index by router ids as they are.
+        self.layer_views: dict[int, dict[str, torch.Tensor]] | None = None
 
     @property
     def w13(self) -> torch.Tensor:
@@ -244,6 +247,21 @@ class ExpertPool:
         every_expert = len(self.device_table.layers) * self.store.num_experts
         # From now on nothing is ever allocated, so nothing is evicted: steps may skip the table.
         self.holds_every_expert = self.table.num_resident == every_expert
+        if self.holds_every_expert:
+            self.layer_views = self._layer_views()
+
+    def _layer_views(self) -> dict[int, dict[str, torch.Tensor]] | None:
+        """Each layer's slot tensors as views, if its experts fill consecutive slots in expert
+        order (a fresh pool filled layer by layer); else None."""
+        num_experts, views = self.store.num_experts, {}
+        for layer in self.device_table.layers:
+            first = self.table.lookup((layer, 0))
+            if any(self.table.lookup((layer, e)) != first + e for e in range(num_experts)):
+                return None
+            views[layer] = {
+                name: t[first : first + num_experts] for name, t in self.slot_tensors.items()
+            }
+        return views
 
     @property
     def loads_in_flight(self) -> int:

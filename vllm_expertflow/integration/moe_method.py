@@ -6,7 +6,8 @@ opaque custom op. The step itself, router to kernel, is `core/moe_step.py`:
 
     vLLM's router -> [custom op expertflow::moe_step] -> OffloadEngine.run_layer
         -> HostStep / GraphStep (plan, pin + load, prefetch, remap, kernel, release)
-        -> `_slot_kernel`: vLLM's stock modular kernel on the pool's slot tensors
+        -> `_slot_kernel`: vLLM's stock modular kernel on the pool's slot tensors (on the
+           CPU, the op its experts call, once checked equal: see `_cpu_op`)
 
 Built only for layers of a model loaded with `moe_backend="expertflow"` (see
 `patches/fused_moe_methods.py`); for any other backend it is exactly vLLM's
@@ -21,6 +22,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch.library import Library
+from vllm._custom_ops import cpu_fused_moe
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import (
@@ -61,6 +63,7 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         self.offloaded = loading_model()
         self.layer_index = -1
         self._in_place_prepack: bool | None = None  # decided on the first write
+        self._cpu_op_is_stock: bool | None = None  # decided on the first forward
         # The kernel indexes expert biases by the ids it is given, slot ids here: it reads
         # these, which `_slot_kernel` binds to the pool's slot biases before each call.
         if moe.has_bias:
@@ -256,6 +259,19 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
         already remapped to their slot ids."""
         for name, bias in self.slot_biases.items():
             bias.data = weights[name]  # the pool may have been rebuilt since
+        args = (layer, x, topk_weights, slot_ids, weights)
+        if self._cpu_op_is_stock is None:
+            self._cpu_op_is_stock = self._cpu_op_matches_stock(*args)
+        return self._cpu_op(*args) if self._cpu_op_is_stock else self._stock_kernel(*args)
+
+    def _stock_kernel(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        slot_ids: torch.Tensor,
+        weights: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
         w13 = weights["w13"]
         return self.moe_kernel.apply(
             hidden_states=x,
@@ -267,6 +283,52 @@ class ExpertFlowMoEMethod(UnquantizedFusedMoEMethod):
             apply_router_weight_on_input=layer.apply_router_weight_on_input,
             global_num_experts=w13.shape[0],
             expert_map=None,
+        )
+
+    def _cpu_op(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        slot_ids: torch.Tensor,
+        weights: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The op vLLM's CPU experts call, without the modular kernel's Python around it.
+
+        vLLM compiles that Python away for its own backend; the pool's step runs it eagerly,
+        inside an opaque op, where it cost 57 of a call's 100 us (demo model, batch 1).
+        """
+        output = torch.empty_like(x)
+        cpu_fused_moe(
+            output,
+            x,
+            weights["w13"],
+            weights["w2"],
+            weights.get("w13_bias"),
+            weights.get("w2_bias"),
+            topk_weights,
+            slot_ids,
+            layer.activation.value,
+            self.moe_kernel.fused_experts.isa,
+        )
+        return output
+
+    def _cpu_op_matches_stock(self, *args) -> bool:
+        """Whether `_cpu_op` is all the stock kernel does here: vLLM's CPU experts without
+        zentorch or router weights on the input, and the same output on the first call."""
+        layer, x = args[0], args[1]
+        experts = self.moe_kernel.fused_experts
+        if (
+            not isinstance(experts, CPUUnquantizedExperts)
+            or type(experts).apply is not CPUUnquantizedExperts.apply
+            or getattr(experts, "_use_zentorch", False)
+            or layer.apply_router_weight_on_input
+            or x.device.type != "cpu"
+        ):
+            return False
+        # vLLM's profiling forward feeds uninitialised activations: NaN matches NaN.
+        return torch.allclose(
+            self._cpu_op(*args), self._stock_kernel(*args), rtol=0, atol=0, equal_nan=True
         )
 
 

@@ -24,7 +24,8 @@ def reconfigure(llm: Any, options: dict) -> None:
     llm.collective_rpc("expertflow_reconfigure", args=(options,))
 
 
-def measure_load_seconds(llm: Any, count: int = 64) -> float:
-    """Seconds per expert load of an `LLM` built with `moe_backend="expertflow"`: `count` loads
-    through its store as its pool issues them (same reads, same parallelism), into scratch."""
-    return llm.collective_rpc("expertflow_measure_load_seconds", args=(count,))[0]
+def measure_load_seconds(llm: Any, count: int = 64) -> tuple[float, ...]:
+    """Seconds per expert load of an `LLM` built with `moe_backend="expertflow"`, with 1, 2, ...
+    loads in flight, up to as many as its pool overlaps (the last figure): `count` loads
+    through its store each time (the same reads), into scratch."""
+    return tuple(llm.collective_rpc("expertflow_measure_load_seconds", args=(count,))[0])

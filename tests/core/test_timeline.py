@@ -88,3 +88,19 @@ def test_a_predictor_of_the_layers_output_prefetches_only_once_it_has_computed()
 def test_latency_is_shared_by_parallel_transfers():
     hardware = Hardware("test", 1.0, 1000.0, 4, 1.0, 1e6, 80.0)
     assert hardware.load_seconds(10**6) == pytest.approx(1 * MS + 0.25 * MS)
+
+
+def test_loads_in_flight_share_one_store():
+    # A store that moves 1 load per ms alone and 1 per 0.75 ms with two or more in flight
+    # (a disk): two loads at once land together after 1.5 ms, not 1 ms.
+    disk = Link(LOAD, demand_readers=2, in_flight_seconds=(MS, 0.75 * MS))
+    five = [[LayerStep(0, tokens=1, experts_run=5, demand_loads=5)]]
+    # Two pairs (1.5 ms each), then the fifth alone (1 ms); independent readers: 3 ms.
+    assert simulate(five, on_hardware, disk).stall_seconds == pytest.approx(4 * MS)
+    # Layer 0 (1 ms) prefetches 3 experts of layer 2; the first lands alone at 1 ms. Layer 1's
+    # miss then shares the store with the second prefetch: both land at 2.5 ms (a 1.5 ms
+    # stall); the third lands alone at 3.5 ms, as layer 1 ends, so layer 2 does not wait.
+    forward = [LayerStep(0, 1, 1, 0, [2, 2, 2]), LayerStep(1, 1, 1, 1), LayerStep(2, 1, 1, 0)]
+    result = simulate([forward], on_hardware, disk)
+    assert result.stall_seconds == pytest.approx(1.5 * MS)
+    assert result.seconds == pytest.approx(4.5 * MS)

@@ -134,6 +134,9 @@ def test_every_expertflow_row_has_its_physical_limit(results):
         assert row["limit_ratio"] == pytest.approx(
             row["decode_tokens_per_s"] / row["limit_tokens_per_s"]
         )
+        # The limit's load time is the store's with as many loads in flight as the pool has.
+        assert row["expert_load_s"] == results["load_seconds_in_flight"][-1]
+    assert len(results["load_seconds_in_flight"]) == 3  # an I/O thread, two demand readers
     assert "limit_ratio" in results["units"]
 
 

@@ -368,14 +368,19 @@ class ExpertPool:
             self._copy_in(layer, expert, slot)
             return _CudaLoad(self._copy_stream)
 
-    def measure_load_seconds(self, count: int) -> float:
-        """Wall seconds per expert load when `count` loads run as the pool issues them: the
-        store's own reads and expansion, as many at once as the pool overlaps (its I/O threads
-        and a demand load), into scratch memory so no slot changes."""
+    @property
+    def max_loads_in_flight(self) -> int:
+        """Loads the pool may have in flight at once: its I/O threads and demand readers."""
+        return self.io_threads + DEMAND_READERS if self._io is not None else 1
+
+    def measure_load_seconds(self, count: int, in_flight: int | None = None) -> float:
+        """Wall seconds per expert load when `count` loads run `in_flight` at a time (default:
+        as many as the pool overlaps): the store's own reads and expansion, into scratch
+        memory so no slot changes."""
         layers = self.device_table.layers
         num_experts = self.store.num_experts
         keys = [(layers[i % len(layers)], i // len(layers) % num_experts) for i in range(count)]
-        readers = self.io_threads + DEMAND_READERS if self._io is not None else 1
+        readers = in_flight or self.max_loads_in_flight
 
         def read_share(share: list[ExpertKey]) -> None:
             scratch = {name: torch.empty_like(t[:1]) for name, t in self.slot_tensors.items()}

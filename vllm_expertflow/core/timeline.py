@@ -12,15 +12,18 @@ prefetch with its target layer. This module puts that log on a clock, one forwar
 The `Link` is how the pool moves experts. On a GPU, one copy stream: prefetches and demand
 loads in one FIFO queue, in issue order. On the CPU, the pool's I/O threads serve prefetches in
 order while a layer's demand misses load on their own readers, a few at once, never behind a
-prefetch. A load occupies a queue for bytes / bandwidth + latency / io_queues. Compute per
-layer-step is memory-bound decode: the layer's resident bytes it reads (attention, dense or
-shared MLP, every distinct expert it runs) over device bandwidth, or its FLOPs over the FLOP
-rate, whichever is longer, plus a fixed overhead per layer. A stall is the time a layer waits
-for the link. Attention over the KV cache is left out (short contexts).
+prefetch; every queue's current load shares one store (a disk moves more with two reads in
+flight than with one, but not twice as much: `Link.in_flight_seconds`, measured). Without that
+measure, queues are independent and a load occupies one for bytes / bandwidth + latency /
+io_queues. Compute per layer-step is memory-bound decode: the layer's resident bytes it
+reads (attention, dense or shared MLP, every distinct expert it runs) over device bandwidth, or
+its FLOPs over the FLOP rate, whichever is longer, plus a fixed overhead per layer. A stall is
+the time a layer waits for the link. Attention over the KV cache is left out (short contexts).
 """
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,14 +48,78 @@ class Hardware:
 
 @dataclass(frozen=True)
 class Link:
-    """The pool's loads as the clock sees them: `load_seconds` per expert on one queue;
-    `prefetch_queues` background loads in flight; `demand_readers` None: demand loads join the
-    same queues in issue order (one CUDA copy stream), else a layer's demand misses load that
-    many at a time on readers of their own (the CPU pool's calling thread and demand readers)."""
+    """The pool's loads as the clock sees them. `prefetch_queues` background loads in flight;
+    `demand_readers` None: demand loads join the same queues in issue order (one CUDA copy
+    stream), else a layer's demand misses load that many at a time on readers of their own
+    (the CPU pool's calling thread and demand readers). `in_flight_seconds`: seconds per load,
+    amortized, with 1, 2, ... loads in flight on one store that every queue shares (the
+    last holds for more); empty: the queues are independent, each moving a load in
+    `load_seconds`."""
 
     load_seconds: float
     prefetch_queues: int = 1
     demand_readers: int | None = None
+    in_flight_seconds: tuple[float, ...] = ()
+
+    def seconds_per_load(self, in_flight: int) -> float:
+        """Wall seconds per load, amortized, while `in_flight` loads share the link."""
+        if not self.in_flight_seconds:
+            return self.load_seconds / in_flight
+        return self.in_flight_seconds[min(in_flight, len(self.in_flight_seconds)) - 1]
+
+
+class _LinkClock:
+    """The link's queues on a clock. Each queue serves its loads in order; the loads at the
+    queues' heads move together, each at 1 / (k x `seconds_per_load(k)`) loads per second
+    while k are in flight. A load is a [work left, tag] pair; `pending` counts loads by tag."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.now = 0.0
+        self.queues: list[deque[list]] = [
+            deque() for _ in range(link.prefetch_queues + (link.demand_readers or 0))
+        ]
+        self.pending: Counter = Counter()
+
+    def add(self, queue: int, tag: object) -> None:
+        self.queues[queue].append([1.0, tag])
+        self.pending[tag] += 1
+
+    def least_busy(self, queues: range) -> int:
+        return min(queues, key=lambda q: sum(work for work, _ in self.queues[q]))
+
+    def advance(self, until: float) -> None:
+        """Moves the loads on until `until` (landing those that finish by then)."""
+        while self._next_landing(until):
+            pass
+        self.now = max(self.now, until)
+
+    def wait_for(self, tags: tuple[object, ...]) -> float:
+        """Moves the loads on until none tagged `tags` is left; returns that time."""
+        while any(self.pending[tag] for tag in tags):
+            landed = self._next_landing(float("inf"))
+            assert landed, "waiting for loads no queue holds"
+        return self.now
+
+    def _next_landing(self, until: float) -> bool:
+        """Moves on to the next landing if it comes by `until`; False if none does."""
+        heads = [queue[0] for queue in self.queues if queue]
+        if not heads:
+            return False
+        rate = 1.0 / (len(heads) * self.link.seconds_per_load(len(heads)))
+        least = min(work for work, _ in heads)
+        step = least / rate
+        if self.now + step > until:
+            for head in heads:
+                head[0] -= (until - self.now) * rate
+            return False
+        self.now += step
+        for queue in self.queues:
+            if queue:
+                queue[0][0] -= least
+                if queue[0][0] <= 1e-12:
+                    self.pending[queue.popleft()[1]] -= 1
+        return True
 
 
 @dataclass(frozen=True)
@@ -115,31 +182,26 @@ def simulate(
     part of each layer before its MoE step (attention): loads in flight go on landing during
     it, and a layer only waits, and issues its demand loads, once it has run."""
     result = TimelineResult()
-    load = link.load_seconds
     clock = 0.0
-    queues = [0.0] * link.prefetch_queues  # when each queue is next free
-    landed: dict[int, float] = {}  # target layer -> when its last issued prefetch lands
-
-    def enqueue(at: float) -> float:
-        """A load issued at `at` on the queue free first; when it lands."""
-        free = min(range(len(queues)), key=queues.__getitem__)
-        queues[free] = max(queues[free], at) + load
-        return queues[free]
-
+    links = _LinkClock(link)
+    prefetch_queues = range(link.prefetch_queues)
+    demand = "demand"
     for forward in forwards:
         result.tokens += forward[0].tokens if forward else 0
         for step in forward:
             start = clock + lead_seconds
-            ready = landed.pop(step.layer, 0.0)
-            if step.demand_loads and link.demand_readers is None:
-                ready = max(ready, *(enqueue(start) for _ in range(step.demand_loads)))
-            elif step.demand_loads:
-                ready = max(ready, start + -(-step.demand_loads // link.demand_readers) * load)
-            compute_start = max(start, ready)
+            links.advance(start)
+            for i in range(step.demand_loads):  # dealt out in turn, as the pool does
+                if link.demand_readers is None:
+                    links.add(links.least_busy(prefetch_queues), demand)
+                else:
+                    links.add(link.prefetch_queues + i % link.demand_readers, demand)
+            compute_start = links.wait_for((demand, step.layer))
             seconds = compute(step) if callable(compute) else compute
             issued = compute_start + seconds if prefetch_after_compute else compute_start
+            links.advance(issued)
             for target in step.prefetch_targets:  # in issue order
-                landed[target] = max(landed.get(target, 0.0), enqueue(issued))
+                links.add(links.least_busy(prefetch_queues), target)
             result.stall_seconds += compute_start - start
             result.compute_seconds += lead_seconds + seconds
             result.loads += step.demand_loads + len(step.prefetch_targets)

@@ -131,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
             rows += measured_rows(llm, prompts, batches, args, labels, with_stats=False)
     online = [p for p in policies if p in ONLINE]
     trace_dir = args.out / "trace"
+    in_flight_seconds: tuple[float, ...] = ()
     if online:
-        expertflow_rows, load_seconds = run_expertflow(
+        expertflow_rows, in_flight_seconds = run_expertflow(
             args, prompts, budgets, batches, online, trace_dir
         )
         rows += expertflow_rows
@@ -142,9 +143,10 @@ def run(args: argparse.Namespace) -> int:
     # Read once: the limits and the offline replays both replay it.
     trace = read_trace(str(trace_dir)) if trace_dir.exists() else None
     if online and "stock" in policies:
-        add_limits(rows, trace, args.decode_tokens, load_seconds, replay_specs(args, policies))
+        specs = replay_specs(args, policies)
+        add_limits(rows, trace, args.decode_tokens, in_flight_seconds, specs)
     offline = offline_rows(args, budgets, policies, trace) if trace is not None else []
-    write_results(args, rows, offline)
+    write_results(args, rows, offline, in_flight_seconds)
     return 0
 
 
@@ -184,8 +186,11 @@ def policy_options(
     return {**options, **extra}
 
 
-def run_expertflow(args, prompts, budgets, batches, online, trace_dir) -> tuple[list[dict], float]:
-    """The online rows, and the seconds one expert load takes through this engine's store."""
+def run_expertflow(
+    args, prompts, budgets, batches, online, trace_dir
+) -> tuple[list[dict], tuple[float, ...]]:
+    """The online rows, and the seconds per expert load through this engine's store with 1, 2,
+    ... loads in flight (the last: as many as its pool overlaps)."""
     import vllm_expertflow
     from vllm_expertflow.tools.trace import model_metadata
 
@@ -196,12 +201,12 @@ def run_expertflow(args, prompts, budgets, batches, online, trace_dir) -> tuple[
         "expertflow", first, args.model, enforce_eager=False, enable_prefix_caching=False
     ) as llm:
         record_trace(llm, prompts, args, trace_dir, model_metadata(args.model))
-        load_seconds = vllm_expertflow.measure_load_seconds(llm, LOADS_MEASURED)
+        in_flight_seconds = vllm_expertflow.measure_load_seconds(llm, LOADS_MEASURED)
         for budget, policy in tqdm(configs, desc="expertflow configs", unit="config"):
             vllm_expertflow.reconfigure(llm, policy_options(args, policy, budget))
             labels = {"policy": policy, "format": "bf16", "cache_fraction": budget}
             rows += measured_rows(llm, prompts, batches, args, labels)
-    return rows, load_seconds
+    return rows, in_flight_seconds
 
 
 def run_quantized(args, checkpoint: Path, prompts, budgets, batches) -> list[dict]:
@@ -366,7 +371,7 @@ def add_limits(
     rows: list[dict],
     trace: tuple[dict, dict],
     decode_tokens: int,
-    load_seconds: float,
+    in_flight_seconds: tuple[float, ...],
     specs: dict[str, dict],
 ) -> None:
     """Adds the physical limit and `limit_ratio` to every bf16 expertflow row, and what `plan`'s
@@ -379,13 +384,22 @@ def add_limits(
     (`core/timeline.py`): per layer-step, stock's decode time split evenly over the MoE layers
     (loads land during its part before the MoE step; its kernel's share comes after any wait)
     plus the plugin's own work on the step thread (bookkeeping and prefetcher, by the engine's
-    clocks); per load, the run's mean load time, on the CPU pool's readers.
+    clocks); loads on the CPU pool's readers, all sharing the store as measured with 1, 2,
+    ... loads in flight (`in_flight_seconds`; the limit takes the last, the pool's own
+    parallelism).
     """
     from vllm_expertflow.core.pool import DEMAND_READERS, IO_THREADS
     from vllm_expertflow.core.replay import replay, slots_for_fraction
     from vllm_expertflow.core.timeline import Link, simulate
 
     manifest, tensors = trace
+    load_seconds = in_flight_seconds[-1]
+    link = Link(
+        in_flight_seconds[0],
+        prefetch_queues=IO_THREADS,
+        demand_readers=DEMAND_READERS,
+        in_flight_seconds=in_flight_seconds,
+    )
     stock = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["policy"] == "stock"}
     belady: dict[tuple[float, int], float] = {}
     for row in rows:
@@ -410,10 +424,9 @@ def add_limits(
         if row["policy"] in specs:
             generation = generation_steps(tensors, batch, decode_tokens)
             slots = slots_for_fraction(budget, len(manifest["layers"]), manifest["num_experts"])
-            # One load as the run's loads took (they overlap on the store), on the CPU pool's
-            # readers: its I/O thread for prefetches, a layer's misses DEMAND_READERS at a time.
+            # The prefetcher's online link budget: the loads one layer's time hides, by the
+            # mean load time it saw.
             latency = row["load_seconds"] / row["loads"] if row["loads"] else load_seconds
-            # The prefetcher's online link budget: the loads one layer's time hides.
             layer_s = row["decode_step_ms"] / 1e3 / len(manifest["layers"])
             result = replay(
                 manifest,
@@ -433,7 +446,6 @@ def add_limits(
             lead = max(stock_layer - row["kernel_ms"] * per_layer, 0.0)
             overhead = (row["bookkeeping_ms"] + row["predict_ms"]) * per_layer
             layer_seconds = stock_layer - lead + overhead
-            link = Link(latency, prefetch_queues=IO_THREADS, demand_readers=DEMAND_READERS)
             predictor = specs[row["policy"]].get("predictor")
             after_compute = predictor is not None and bool(predictor.context_inputs)
             planned = simulate(
@@ -510,13 +522,17 @@ def offline_rows(args, budgets, policies, trace: tuple[dict, dict]) -> list[dict
     return rows
 
 
-def write_results(args, rows: list[dict], offline: list[dict]) -> None:
+def write_results(
+    args, rows: list[dict], offline: list[dict], in_flight_seconds: tuple[float, ...]
+) -> None:
     results = {
         "command": " ".join(["vllm-expertflow", *sys.argv[1:]]),
         "model": str(args.model),
         "store": args.store,
         "link": f"emulated link {args.link_gbps} GB/s" if args.link_gbps else "real store speed",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        # Seconds per expert load through the store with 1, 2, ... loads in flight.
+        "load_seconds_in_flight": list(in_flight_seconds),
         "units": {
             "decode_tokens_per_s": "tokens/s",
             "prefill_tokens_per_s": "tokens/s",
@@ -530,7 +546,8 @@ def write_results(args, rows: list[dict], offline: list[dict]) -> None:
             "compute_s_per_token": "s (stock's decode time per token)",
             "link_s_per_token": "s (Belady's loads per token x expert_load_s)",
             "belady_loads_per_token": "expert copies per decoded token",
-            "expert_load_s": "s per expert load through the engine's store",
+            "expert_load_s": "s per expert load through the engine's store, as many in "
+            "flight as its pool overlaps",
             "limit_tokens_per_s": "tokens/s",
             "limit_ratio": "decode_tokens_per_s / limit_tokens_per_s",
             "planned_tokens_per_s": "tokens/s (`plan`'s timeline on this run's measurements)",

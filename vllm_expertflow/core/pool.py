@@ -22,7 +22,7 @@ from .link import EmulatedLink
 from .page_table import PageTable, PoolExhaustedError
 from .policy import EvictionPolicy, ExpertKey
 from .spare_cores import move_to_spare_cores
-from .stats import OffloadStats, running_mean
+from .stats import OffloadStats, SharedClock, running_mean
 from .store import ExpertCodec, ExpertStore
 
 # Reads one layer's demand misses keep in flight on the CPU (this machine's disk: 0.82 GB/s
@@ -138,6 +138,7 @@ class ExpertPool:
         self._unused_prefetches: set[int] = set()
         self._num_permanent = 0
         self.mean_load_seconds: float | None = None  # per expert, a running mean
+        self._store_clock = SharedClock()  # each load's share of the store's time
         self.holds_every_expert = False  # set by `fill`
         # Set by `fill` when each layer's experts sit in consecutive slots in expert order:
         # per layer, its slot tensors' views, which kernels index by router ids as they are.
@@ -373,30 +374,35 @@ class ExpertPool:
         """Loads the pool may have in flight at once: its I/O threads and demand readers."""
         return self.io_threads + DEMAND_READERS if self._io is not None else 1
 
-    def measure_load_seconds(self, count: int, in_flight: int | None = None) -> float:
-        """Wall seconds per expert load when `count` loads run `in_flight` at a time (default:
-        as many as the pool overlaps): the store's own reads and expansion, into scratch
-        memory so no slot changes."""
+    def measure_load_seconds(self, count: int) -> list[float]:
+        """Wall seconds per expert load with 1, 2, ... `max_loads_in_flight` loads at once,
+        `count` loads each: the store's own reads and expansion, into scratch memory so no
+        slot changes. Each level reads experts the others did not (a store re-read at once
+        may come from a cache the run's loads would not find warm)."""
         layers = self.device_table.layers
-        num_experts = self.store.num_experts
-        keys = [(layers[i % len(layers)], i // len(layers) % num_experts) for i in range(count)]
-        readers = in_flight or self.max_loads_in_flight
+        total = len(layers) * self.store.num_experts
 
-        def read_share(share: list[ExpertKey]) -> None:
+        def read_share(share: list[int]) -> None:
             scratch = {name: torch.empty_like(t[:1]) for name, t in self.slot_tensors.items()}
-            for layer, expert in share:
-                self._read_into(layer, expert, scratch)
+            for i in share:
+                self._read_into(layers[i % len(layers)], i // len(layers), scratch)
 
-        start = time.perf_counter()
-        with ThreadPoolExecutor(readers, initializer=move_to_spare_cores) as executor:
-            for done in [executor.submit(read_share, keys[i::readers]) for i in range(readers)]:
-                done.result()
-        if self._copy_stream is not None:
-            torch.cuda.synchronize(self.device)
-        return (time.perf_counter() - start) / max(count, 1)
+        seconds = []
+        for in_flight in range(1, self.max_loads_in_flight + 1):
+            first = (in_flight - 1) * count
+            keys = [i % total for i in range(first, first + count)]
+            start = time.perf_counter()
+            with ThreadPoolExecutor(in_flight, initializer=move_to_spare_cores) as executor:
+                shares = [keys[reader::in_flight] for reader in range(in_flight)]
+                for done in [executor.submit(read_share, share) for share in shares]:
+                    done.result()
+            if self._copy_stream is not None:
+                torch.cuda.synchronize(self.device)
+            seconds.append((time.perf_counter() - start) / max(count, 1))
+        return seconds
 
     def _copy_in(self, layer: int, expert: int, slot: int) -> None:
-        start = time.perf_counter()
+        start, mark = time.perf_counter(), self._store_clock.start()
         self._read_into(
             layer, expert, {name: t[slot : slot + 1] for name, t in self.slot_tensors.items()}
         )
@@ -404,7 +410,8 @@ class ExpertPool:
         # the expert, and read the store until then.
         self.device_table.set(layer, expert, slot)
         seconds = time.perf_counter() - start
-        self.stats.record_load(layer, self.store.layout.nbytes, seconds)
+        link_seconds = self._store_clock.stop(mark)
+        self.stats.record_load(layer, self.store.layout.nbytes, seconds, link_seconds)
         self.mean_load_seconds = running_mean(self.mean_load_seconds, seconds)
 
     def _read_into(self, layer: int, expert: int, slot: dict[str, torch.Tensor]) -> None:

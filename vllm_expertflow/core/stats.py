@@ -3,12 +3,45 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import asdict, dataclass, field, fields
 
 
 def running_mean(mean: float | None, sample: float, weight: float = 0.1) -> float:
     """Exponential moving average; `weight` is the newest sample's share."""
     return sample if mean is None else (1 - weight) * mean + weight * sample
+
+
+class SharedClock:
+    """Wall time divided among the loads in flight: while k loads run, each is charged 1/k of
+    every second. What a load is charged is its share of the store's time; the charges add up
+    to the time the store was busy, however the loads overlapped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._since = 0.0
+        self._charged = 0.0  # per load in flight, since the clock began
+
+    def start(self) -> float:
+        """A load starts; returns the mark `stop` takes."""
+        with self._lock:
+            self._tick()
+            self._in_flight += 1
+            return self._charged
+
+    def stop(self, mark: float) -> float:
+        """The load started at `mark` ends; returns the seconds it is charged."""
+        with self._lock:
+            self._tick()
+            self._in_flight -= 1
+            return self._charged - mark
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self._in_flight:
+            self._charged += (now - self._since) / self._in_flight
+        self._since = now
 
 
 @dataclass
@@ -18,6 +51,9 @@ class LayerStats:
     loads: int = 0
     bytes_loaded: int = 0
     load_seconds: float = 0.0
+    # The store's time its loads took: each load's wall time divided among the loads in flight
+    # with it (`SharedClock`); summed over layers, the time the store was busy.
+    link_seconds: float = 0.0
     stall_seconds: float = 0.0
     prefetches_issued: int = 0
     prefetches_used: int = 0
@@ -75,12 +111,13 @@ class OffloadStats:
         stats.hits += hits
         stats.misses += misses
 
-    def record_load(self, layer: int, num_bytes: int, seconds: float) -> None:
+    def record_load(self, layer: int, num_bytes: int, seconds: float, link_seconds: float) -> None:
         with self._lock:
             stats = self.layer(layer)
             stats.loads += 1
             stats.bytes_loaded += num_bytes
             stats.load_seconds += seconds
+            stats.link_seconds += link_seconds
 
     def record_stall(self, layer: int, seconds: float) -> None:
         self.layer(layer).stall_seconds += seconds

@@ -81,6 +81,10 @@ class _LinkClock:
         ]
         self.pending: Counter = Counter()
 
+    @property
+    def num_pending(self) -> int:
+        return sum(self.pending.values())
+
     def add(self, queue: int, tag: object) -> None:
         self.queues[queue].append([1.0, tag])
         self.pending[tag] += 1
@@ -173,6 +177,7 @@ def simulate(
     extra_seconds_per_forward: float = 0.0,
     prefetch_after_compute: bool = False,
     lead_seconds: float = 0.0,
+    prefetch_budget: int | None = None,
 ) -> TimelineResult:
     """Puts the replay's forwards on one clock: `compute` gives a layer-step's compute time
     (from hardware figures with `compute_seconds`), or is one measured time for every
@@ -180,18 +185,23 @@ def simulate(
     each forward's compute. `prefetch_after_compute`: a layer's prefetches are issued when it
     has computed (predictors that read its output), not when it starts. `lead_seconds`: the
     part of each layer before its MoE step (attention): loads in flight go on landing during
-    it, and a layer only waits, and issues its demand loads, once it has run."""
+    it, and a layer only waits, and issues its demand loads, once it has run.
+    `prefetch_budget`: the prefetches a layer may issue less those still in flight, as the
+    online prefetcher counts (None: all it logged); one over it is not issued, so its target
+    layer loads that expert on demand instead (the replay, with no clock, cannot know)."""
     result = TimelineResult()
     clock = 0.0
     links = _LinkClock(link)
     prefetch_queues = range(link.prefetch_queues)
     demand = "demand"
+    not_issued: Counter = Counter()  # target layer -> prefetches the budget left out
     for forward in forwards:
         result.tokens += forward[0].tokens if forward else 0
         for step in forward:
             start = clock + lead_seconds
             links.advance(start)
-            for i in range(step.demand_loads):  # dealt out in turn, as the pool does
+            demand_loads = step.demand_loads + not_issued.pop(step.layer, 0)
+            for i in range(demand_loads):  # dealt out in turn, as the pool does
                 if link.demand_readers is None:
                     links.add(links.least_busy(prefetch_queues), demand)
                 else:
@@ -200,11 +210,16 @@ def simulate(
             seconds = compute(step) if callable(compute) else compute
             issued = compute_start + seconds if prefetch_after_compute else compute_start
             links.advance(issued)
-            for target in step.prefetch_targets:  # in issue order
+            allowed = len(step.prefetch_targets)
+            if prefetch_budget is not None:
+                in_flight = links.num_pending - links.pending[demand]
+                allowed = min(allowed, max(prefetch_budget - in_flight, 0))
+            for target in step.prefetch_targets[:allowed]:  # in issue order
                 links.add(links.least_busy(prefetch_queues), target)
+            not_issued.update(step.prefetch_targets[allowed:])
             result.stall_seconds += compute_start - start
             result.compute_seconds += lead_seconds + seconds
-            result.loads += step.demand_loads + len(step.prefetch_targets)
+            result.loads += demand_loads + allowed
             clock = compute_start + seconds
         clock += extra_seconds_per_forward
         result.compute_seconds += extra_seconds_per_forward

@@ -22,11 +22,7 @@ class ExpertFlowWorkerExtension:
         self._expertflow_engine().reconfigure(options)
 
     def expertflow_measure_load_seconds(self, count: int) -> list[float]:
-        pool = self._expertflow_engine().pool
-        return [
-            pool.measure_load_seconds(count, in_flight)
-            for in_flight in range(1, pool.max_loads_in_flight + 1)
-        ]
+        return self._expertflow_engine().pool.measure_load_seconds(count)
 
     def expertflow_start_tracing(
         self, directory: str, metadata: dict, max_tokens: int, sample_rate: float, seed: int

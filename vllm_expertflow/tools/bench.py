@@ -384,9 +384,11 @@ def add_limits(
     (`core/timeline.py`): per layer-step, stock's decode time split evenly over the MoE layers
     (loads land during its part before the MoE step; its kernel's share comes after any wait)
     plus the plugin's own work on the step thread (bookkeeping and prefetcher, by the engine's
-    clocks); loads on the CPU pool's readers, all sharing the store as measured with 1, 2,
-    ... loads in flight (`in_flight_seconds`; the limit takes the last, the pool's own
-    parallelism).
+    clocks); loads on the CPU pool's readers, every load in flight sharing the store, which
+    moves one load per `link_seconds / loads` of the row's run (each load's wall time
+    divided among the loads in flight with it: what the store gave this run's reads). The
+    limit takes the store's time per load measured with as many in flight as the pool
+    overlaps (the last of `in_flight_seconds`).
     """
     from vllm_expertflow.core.pool import DEMAND_READERS, IO_THREADS
     from vllm_expertflow.core.replay import replay, slots_for_fraction
@@ -394,12 +396,6 @@ def add_limits(
 
     manifest, tensors = trace
     load_seconds = in_flight_seconds[-1]
-    link = Link(
-        in_flight_seconds[0],
-        prefetch_queues=IO_THREADS,
-        demand_readers=DEMAND_READERS,
-        in_flight_seconds=in_flight_seconds,
-    )
     stock = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["policy"] == "stock"}
     belady: dict[tuple[float, int], float] = {}
     for row in rows:
@@ -428,6 +424,7 @@ def add_limits(
             # mean load time it saw.
             latency = row["load_seconds"] / row["loads"] if row["loads"] else load_seconds
             layer_s = row["decode_step_ms"] / 1e3 / len(manifest["layers"])
+            prefetch_budget = max(1, int(layer_s / latency))
             result = replay(
                 manifest,
                 tensors,
@@ -435,7 +432,7 @@ def add_limits(
                 steps=generation * 2,
                 warm_steps=len(generation) + 1,
                 timeline=True,
-                prefetches_per_layer=max(1, int(layer_s / latency)),
+                prefetches_per_layer=prefetch_budget,
                 **specs[row["policy"]],
             )
             # Per layer: stock's time, split at the MoE step (the kernel's share, as this run
@@ -446,6 +443,13 @@ def add_limits(
             lead = max(stock_layer - row["kernel_ms"] * per_layer, 0.0)
             overhead = (row["bookkeeping_ms"] + row["predict_ms"]) * per_layer
             layer_seconds = stock_layer - lead + overhead
+            store_seconds = row["link_seconds"] / row["loads"] if row["loads"] else load_seconds
+            link = Link(
+                store_seconds,
+                prefetch_queues=IO_THREADS,
+                demand_readers=DEMAND_READERS,
+                in_flight_seconds=(store_seconds,),
+            )
             predictor = specs[row["policy"]].get("predictor")
             after_compute = predictor is not None and bool(predictor.context_inputs)
             planned = simulate(
@@ -454,6 +458,7 @@ def add_limits(
                 link,
                 prefetch_after_compute=after_compute,
                 lead_seconds=lead,
+                prefetch_budget=prefetch_budget,
             )
             row.update(
                 planned_tokens_per_s=batch * decode_tokens / planned.seconds,
@@ -538,6 +543,7 @@ def write_results(
             "prefill_tokens_per_s": "tokens/s",
             "bytes_loaded": "bytes",
             "load_seconds": "s",
+            "link_seconds": "s: each load's wall time divided among the loads in flight with it",
             "stall_seconds": "s",
             "hit_rate": "fraction of lookups",
             "loads": "expert copies",

@@ -153,6 +153,9 @@ def test_every_replayable_row_has_its_planned_speed(results):
         if row["policy"] == "lru-ondemand" and row["cache_fraction"] < 1:
             assert row["planned_stall_share"] > 0  # demand misses wait for their loads
             assert row["planned_stall_ms"] > 0 and row["stall_ms"] > 0
+            # Loads share the store: a load's charge is at most its wall time.
+            assert 0 < row["decode_link_s_per_load"]
+            assert 0 < row["link_seconds"] <= row["load_seconds"]
     assert "planned_tokens_per_s" in results["units"]
 
 

@@ -313,6 +313,9 @@ def measure(llm, prompts: list[str], args, with_stats: bool) -> dict:
             moved = [f[key] - p[key] for (_, p), (_, f) in zip(prefill, full, strict=True)]
             return 1e3 * sum(moved) / steps
 
+        decode_loads = per_decode_step("loads")
+        if decode_loads:  # the store's time per load while decoding (the prefill loads more)
+            row["decode_link_s_per_load"] = per_decode_step("link_seconds") / decode_loads
         row["moe_ms"] = per_decode_step("step_seconds")
         row.update({name: per_decode_step(key) for name, key in PROFILE_PARTS.items()})
         row["bookkeeping_ms"] = row["moe_ms"] - sum(row[name] for name in PROFILE_PARTS)
@@ -385,8 +388,8 @@ def add_limits(
     (loads land during its part before the MoE step; its kernel's share comes after any wait)
     plus the plugin's own work on the step thread (bookkeeping and prefetcher, by the engine's
     clocks); loads on the CPU pool's readers, every load in flight sharing the store, which
-    moves one load per `link_seconds / loads` of the row's run (each load's wall time
-    divided among the loads in flight with it: what the store gave this run's reads). The
+    moves one load per `decode_link_s_per_load` of the row's run (each decode step's load
+    wall time divided among the loads in flight with it: what the store gave its reads). The
     limit takes the store's time per load measured with as many in flight as the pool
     overlaps (the last of `in_flight_seconds`).
     """
@@ -443,7 +446,7 @@ def add_limits(
             lead = max(stock_layer - row["kernel_ms"] * per_layer, 0.0)
             overhead = (row["bookkeeping_ms"] + row["predict_ms"]) * per_layer
             layer_seconds = stock_layer - lead + overhead
-            store_seconds = row["link_seconds"] / row["loads"] if row["loads"] else load_seconds
+            store_seconds = row.get("decode_link_s_per_load", load_seconds)
             link = Link(
                 store_seconds,
                 prefetch_queues=IO_THREADS,
@@ -544,6 +547,7 @@ def write_results(
             "bytes_loaded": "bytes",
             "load_seconds": "s",
             "link_seconds": "s: each load's wall time divided among the loads in flight with it",
+            "decode_link_s_per_load": "s: link_seconds per load over the decode steps alone",
             "stall_seconds": "s",
             "hit_rate": "fraction of lookups",
             "loads": "expert copies",

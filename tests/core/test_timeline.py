@@ -104,3 +104,15 @@ def test_loads_in_flight_share_one_store():
     result = simulate([forward], on_hardware, disk)
     assert result.stall_seconds == pytest.approx(1.5 * MS)
     assert result.seconds == pytest.approx(4.5 * MS)
+
+
+def test_prefetches_over_the_budget_load_on_demand_at_their_layer():
+    # Layer 0 (2 ms) prefetches 3 experts of layer 1. Unbudgeted they land at 1, 2 and 3 ms:
+    # layer 1 waits 1 ms. With one prefetch in flight at most, only the first is issued; layer
+    # 1 misses the other two and loads them on demand, landing at 3 and 4 ms: a 2 ms wait.
+    forward = [[LayerStep(0, 1, 2, 0, [1, 1, 1]), LayerStep(1, 1, 3, 0)]]
+    free = simulate(forward, on_hardware, Link(LOAD))
+    assert free.stall_seconds == pytest.approx(1 * MS) and free.seconds == pytest.approx(6 * MS)
+    budgeted = simulate(forward, on_hardware, Link(LOAD), prefetch_budget=1)
+    assert budgeted.stall_seconds == pytest.approx(2 * MS)
+    assert budgeted.seconds == pytest.approx(7 * MS) and budgeted.loads == 3

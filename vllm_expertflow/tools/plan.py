@@ -158,7 +158,12 @@ def run(args: argparse.Namespace) -> int:
                 predictor = policies[policy].get("predictor")
                 late = predictor is not None and bool(predictor.context_inputs)
                 timeline = simulate(
-                    result.forwards, on_hardware, link, rest, prefetch_after_compute=late
+                    result.forwards,
+                    on_hardware,
+                    link,
+                    rest,
+                    prefetch_after_compute=late,
+                    prefetch_budget=prefetches,
                 )
                 rows.append(
                     {

@@ -198,3 +198,13 @@ def test_numba_loads_with_the_first_choice_not_before():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["False", "True"]
+    # The engine prepares its policy once the pool is built (in vLLM's worker, after start-up),
+    # so the first eviction while serving does not load it.
+    code = (
+        "import sys\n"
+        "from vllm_expertflow.core.policy import PredictivePolicy\n"
+        "PredictivePolicy().prepare()\n"
+        "print('numba' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["True"]

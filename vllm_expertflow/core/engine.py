@@ -233,13 +233,15 @@ class OffloadEngine:
             len(layers), self.store.num_experts, self._top_k, slot_bytes, scratch_bytes
         )
         self.stats = OffloadStats()
+        policy = make_policy(self.config.policy, num_slots, len(layers))
+        policy.prepare()
         self.pool = None  # the old slots go before the new ones are allocated
         self.pool = ExpertPool(
             self.store,
             num_slots,
             self.device,
             layers,
-            make_policy(self.config.policy, num_slots, len(layers)),
+            policy,
             self.stats,
             link=EmulatedLink(self.config.link_gbps) if self.config.link_gbps else None,
             codec=pool_codec,

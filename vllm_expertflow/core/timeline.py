@@ -212,8 +212,9 @@ def simulate(
             links.advance(issued)
             allowed = len(step.prefetch_targets)
             if prefetch_budget is not None:
-                in_flight = links.num_pending - links.pending[demand]
-                allowed = min(allowed, max(prefetch_budget - in_flight, 0))
+                # Every demand load has landed before its layer computes: what is still in
+                # flight is prefetches.
+                allowed = min(allowed, max(prefetch_budget - links.num_pending, 0))
             for target in step.prefetch_targets[:allowed]:  # in issue order
                 links.add(links.least_busy(prefetch_queues), target)
             not_issued.update(step.prefetch_targets[allowed:])

@@ -13,12 +13,13 @@ The `Link` is how the pool moves experts. On a GPU, one copy stream: prefetches 
 loads in one FIFO queue, in issue order. On the CPU, the pool's I/O threads serve prefetches in
 order while a layer's demand misses load on their own readers, a few at once, never behind a
 prefetch; the loads at the queues' heads share one store (this machine's disk moves the same
-bytes per second with one, two or three reads in flight: `Link.in_flight_seconds`). Without
-that figure the queues are independent and a load occupies one for bytes / bandwidth +
-latency / io_queues. Compute per layer-step is memory-bound decode: the layer's resident bytes it
-reads (attention, dense or shared MLP, every distinct expert it runs) over device bandwidth, or
-its FLOPs over the FLOP rate, whichever is longer, plus a fixed overhead per layer. A stall is
-the time a layer waits for the link. Attention over the KV cache is left out (short contexts).
+bytes per second with one, two or three reads in flight: `Link.in_flight_seconds`). A GPU's
+copy engines are independent queues (`Link.independent`): a load occupies one for bytes /
+bandwidth + latency / io_queues. Compute per layer-step is memory-bound decode: the layer's
+resident bytes it reads (attention, dense or shared MLP, every distinct expert it runs) over
+device bandwidth, or its FLOPs over the FLOP rate, whichever is longer, plus a fixed overhead
+per layer. A stall is the time a layer waits for the link. Attention over the KV cache is left
+out (short contexts).
 """
 
 from __future__ import annotations
@@ -48,23 +49,29 @@ class Hardware:
 
 @dataclass(frozen=True)
 class Link:
-    """The pool's loads as the clock sees them. `prefetch_queues` background loads in flight;
-    `demand_readers` None: demand loads join the same queues in issue order (one CUDA copy
-    stream), else a layer's demand misses load that many at a time on readers of their own
-    (the CPU pool's calling thread and demand readers). `in_flight_seconds`: seconds per load,
-    amortized, with 1, 2, ... loads in flight on one store that every queue shares (the
-    last holds for more); empty: the queues are independent, each moving a load in
-    `load_seconds`."""
+    """The pool's loads as the clock sees them. `in_flight_seconds`: wall seconds per load,
+    amortized, with 1, 2, ... loads in flight on the link (the last holds for more).
+    `prefetch_queues` background loads in flight; `demand_readers` None: demand loads join
+    the same queues in issue order (one CUDA copy stream), else a layer's demand misses load
+    that many at a time on readers of their own (the CPU pool's calling thread and demand
+    readers)."""
 
-    load_seconds: float
+    in_flight_seconds: tuple[float, ...]
     prefetch_queues: int = 1
     demand_readers: int | None = None
-    in_flight_seconds: tuple[float, ...] = ()
+
+    @classmethod
+    def independent(
+        cls, load_seconds: float, prefetch_queues: int = 1, demand_readers: int | None = None
+    ) -> Link:
+        """Queues that each move a load in `load_seconds` whatever the others do (copy
+        engines, I/O queues of a device that is not the bottleneck)."""
+        queues = prefetch_queues + (demand_readers or 0)
+        per_load = tuple(load_seconds / k for k in range(1, queues + 1))
+        return cls(per_load, prefetch_queues, demand_readers)
 
     def seconds_per_load(self, in_flight: int) -> float:
         """Wall seconds per load, amortized, while `in_flight` loads share the link."""
-        if not self.in_flight_seconds:
-            return self.load_seconds / in_flight
         return self.in_flight_seconds[min(in_flight, len(self.in_flight_seconds)) - 1]
 
 

@@ -447,12 +447,7 @@ def add_limits(
             overhead = (row["bookkeeping_ms"] + row["predict_ms"]) * per_layer
             layer_seconds = stock_layer - lead + overhead
             store_seconds = row.get("decode_link_s_per_load", load_seconds)
-            link = Link(
-                store_seconds,
-                prefetch_queues=IO_THREADS,
-                demand_readers=DEMAND_READERS,
-                in_flight_seconds=(store_seconds,),
-            )
+            link = Link((store_seconds,), IO_THREADS, DEMAND_READERS)
             predictor = specs[row["policy"]].get("predictor")
             after_compute = predictor is not None and bool(predictor.context_inputs)
             planned = simulate(

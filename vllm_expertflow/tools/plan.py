@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         return compute_seconds(cost, hardware, step.tokens, step.experts_run)
 
     # The GPU pool's one copy stream: prefetches and demand loads in issue order.
-    link = Link(hardware.load_seconds(footprint.expert_bytes))
+    load_seconds = hardware.load_seconds(footprint.expert_bytes)
+    link = Link.independent(load_seconds)
     rest = _rest_seconds(footprint, hardware)
     rows = []
     for batch in batches:
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         # The prefetcher's link budget, as it measures it online: the loads a layer hides.
         routed = min(batch * manifest["top_k"], manifest["num_experts"])
         layer_s = on_hardware(LayerStep(manifest["layers"][0], batch, routed))
-        prefetches = max(1, int(layer_s / link.load_seconds))
+        prefetches = max(1, int(layer_s / load_seconds))
         for budget in tqdm(budgets, desc=f"plan batch {batch}", unit="budget"):
             slots = slots_for_fraction(budget, len(manifest["layers"]), manifest["num_experts"])
             fits = _pool_fits(footprint, hardware, slots)

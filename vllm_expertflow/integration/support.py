@@ -1,8 +1,8 @@
 """What the expertflow backend can serve: one check, run where vLLM's config is built.
 
-`supports(vllm_config)` answers `(ok, reason)` so a caller can fall back and say why; `check`
-raises the reason as one line. Everything the backend refuses is decided here, from the
-options, the device and the checkpoint's HF config, before any engine process starts.
+`check(vllm_config)` raises what the backend cannot serve as one line naming the fix.
+Everything the backend refuses is decided here, from the options, the device and the
+checkpoint's HF config, before any engine process starts.
 """
 
 from __future__ import annotations
@@ -15,14 +15,6 @@ from vllm_expertflow.core.preflight import preflight
 
 # Model families whose routed experts carry biases (vLLM's `has_bias`).
 _EXPERT_BIAS_MODELS = ("gpt_oss",)
-
-
-def supports(vllm_config: Any) -> tuple[bool, str]:
-    try:
-        check(vllm_config)
-    except ExpertFlowConfigError as error:
-        return False, str(error)
-    return True, ""
 
 
 def check(vllm_config: Any) -> ExpertFlowConfig:

@@ -23,6 +23,13 @@ from .stats import running_mean
 ContextSource = Callable[[int, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
+def loads_hidden_per_layer(layer_seconds: float, load_seconds: float) -> int:
+    """The prefetches one layer may queue: the loads its time hides. At least one: on a link
+    slower than a layer's compute a prefetch cannot be hidden, but the one likeliest expert
+    still beats a certain stall."""
+    return max(1, int(layer_seconds / load_seconds))
+
+
 class LinkBudget:
     """How many expert loads fit in one layer's compute time, from running means."""
 
@@ -39,9 +46,7 @@ class LinkBudget:
     def experts_per_layer(self, load_seconds: float | None, first_guess: int) -> int:
         if self.layer_seconds is None or not load_seconds:
             return first_guess  # nothing measured yet
-        # At least one: on a link slower than a layer's compute a prefetch cannot be hidden,
-        # but the one likeliest expert still beats a certain stall.
-        return max(1, int(self.layer_seconds / load_seconds))
+        return loads_hidden_per_layer(self.layer_seconds, load_seconds)
 
 
 class Prefetcher:

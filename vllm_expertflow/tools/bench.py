@@ -394,6 +394,7 @@ def add_limits(
     overlaps (the last of `in_flight_seconds`).
     """
     from vllm_expertflow.core.pool import DEMAND_READERS, IO_THREADS
+    from vllm_expertflow.core.prefetcher import loads_hidden_per_layer
     from vllm_expertflow.core.replay import replay, slots_for_fraction
     from vllm_expertflow.core.timeline import Link, simulate
 
@@ -427,7 +428,7 @@ def add_limits(
             # mean load time it saw.
             latency = row["load_seconds"] / row["loads"] if row["loads"] else load_seconds
             layer_s = row["decode_step_ms"] / 1e3 / len(manifest["layers"])
-            prefetch_budget = max(1, int(layer_s / latency))
+            prefetch_budget = loads_hidden_per_layer(layer_s, latency)
             result = replay(
                 manifest,
                 tensors,

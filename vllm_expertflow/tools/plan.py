@@ -31,6 +31,7 @@ from vllm_expertflow.core.checkpoint import load_gate_weights, routing_config_ha
 from vllm_expertflow.core.files import atomic_path, write_text_atomically
 from vllm_expertflow.core.model_shape import EXPERT_DTYPE_BYTES, ModelFootprint
 from vllm_expertflow.core.predictor import GatePredictor
+from vllm_expertflow.core.prefetcher import loads_hidden_per_layer
 from vllm_expertflow.core.replay import (
     PREDICTIVE_POLICIES,
     replay,
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         # The prefetcher's link budget, as it measures it online: the loads a layer hides.
         routed = min(batch * manifest["top_k"], manifest["num_experts"])
         layer_s = on_hardware(LayerStep(manifest["layers"][0], batch, routed))
-        prefetches = max(1, int(layer_s / load_seconds))
+        prefetches = loads_hidden_per_layer(layer_s, load_seconds)
         for budget in tqdm(budgets, desc=f"plan batch {batch}", unit="budget"):
             slots = slots_for_fraction(budget, len(manifest["layers"]), manifest["num_experts"])
             fits = _pool_fits(footprint, hardware, slots)

@@ -12,13 +12,13 @@ prefetch with its target layer. This module puts that log on a clock, one forwar
 The `Link` is how the pool moves experts. On a GPU, one copy stream: prefetches and demand
 loads in one FIFO queue, in issue order. On the CPU, the pool's I/O threads serve prefetches in
 order while a layer's demand misses load on their own readers, a few at once, never behind a
-prefetch; the loads at the queues' heads share one store (this machine's disk moves the same
-bytes per second with one, two or three reads in flight: `Link.in_flight_seconds`). A GPU's
-copy engines are independent queues (`Link.independent`): a load occupies one for bytes /
-bandwidth + latency / io_queues. Compute per layer-step is memory-bound decode: the layer's
-resident bytes it reads (attention, dense or shared MLP, every distinct expert it runs) over
-device bandwidth, or its FLOPs over the FLOP rate, whichever is longer, plus a fixed overhead
-per layer. A stall is the time a layer waits for the link. Attention over the KV cache is left
+prefetch; the loads at the queues' heads share one store, whose time per load depends on how
+many are in flight (`Link.in_flight_seconds`, measured on the store). A GPU's copy engines
+are independent queues (`Link.independent`): a load occupies one for bytes / bandwidth +
+latency / io_queues. Compute per layer-step is memory-bound decode: the layer's resident
+bytes it reads (attention, dense or shared MLP, every distinct expert it runs) over device
+bandwidth, or its FLOPs over the FLOP rate, whichever is longer, plus a fixed overhead per
+layer. A stall is the time a layer waits for the link. Attention over the KV cache is left
 out (short contexts).
 """
 
